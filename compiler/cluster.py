@@ -1,0 +1,135 @@
+"""Section-wise weight clustering: one k-means codebook per section.
+
+ESCEPE (seed 000) clusters the weights of each early-exit section with its own
+cluster count: shallow sections keep more clusters so the early exits keep
+their accuracy. Here: every conv/linear weight of a section (its exit head
+included) shares that section's codebook; biases and batch-norm stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from compiler.graph import Graph, capture
+
+
+@dataclass
+class SectionCodebook:
+    section: int
+    centroids: np.ndarray  # (k,) float32, ascending
+    indices: dict[str, np.ndarray]  # weight parameter name -> uint8 indices, weight's shape
+    exact: bool  # True if the section had <= k distinct values (nothing was approximated)
+
+
+def kmeans_1d(
+    values: np.ndarray, k: int, seed: int = 0, iters: int = 100, sample: int = 200_000
+) -> np.ndarray:
+    """1-D k-means (k-means++ init, Lloyd iterations on sorted data): (k,) ascending centroids.
+
+    In one dimension the clusters are intervals of the sorted values, so each
+    Lloyd step is a searchsorted over k-1 boundaries plus prefix sums: O(k log n).
+    """
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    distinct = np.unique(x)
+    if len(distinct) <= k:
+        return distinct.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    pool = x if len(x) <= sample else x[rng.choice(len(x), sample, replace=False)]
+    centroids = [pool[rng.integers(len(pool))]]
+    dist = (pool - centroids[0]) ** 2
+    for _ in range(k - 1):  # k-means++: next seed with probability ~ squared distance
+        total = dist.sum()
+        nxt = (
+            pool[rng.integers(len(pool))]
+            if total <= 0
+            else pool[rng.choice(len(pool), p=dist / total)]
+        )
+        centroids.append(nxt)
+        dist = np.minimum(dist, (pool - nxt) ** 2)
+    c = np.unique(np.asarray(centroids))
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    for _ in range(iters):
+        bounds = np.searchsorted(x, (c[1:] + c[:-1]) / 2)
+        edges = np.concatenate([[0], bounds, [len(x)]])
+        counts = np.diff(edges)
+        sums = csum[edges[1:]] - csum[edges[:-1]]
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+        if np.allclose(new, c, rtol=0, atol=1e-12):
+            c = new
+            break
+        c = np.unique(new)
+    return c.astype(np.float32)
+
+
+def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (ascending centroids) for each value, uint8."""
+    c = np.asarray(centroids, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    idx = np.searchsorted((c[1:] + c[:-1]) / 2, v)
+    return idx.astype(np.uint8)
+
+
+def section_parameters(graph: Graph, model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """Per section, the (name, parameter) of every conv/linear weight in it (first use wins)."""
+    modules = dict(model.named_modules())
+    seen: set[int] = set()
+    out: list[list[tuple[str, nn.Parameter]]] = [[] for _ in range(graph.num_sections)]
+    for node in graph.weighted_nodes():
+        p = modules[node.module].weight
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[node.section].append((f"{node.module}.weight", p))
+    return out
+
+
+def per_section(clusters: int | list[int] | tuple[int, ...], num_sections: int) -> list[int]:
+    """Expand an int to one cluster count per section, checking the range 1..256."""
+    ks = [int(clusters)] * num_sections if np.isscalar(clusters) else [int(k) for k in clusters]
+    if len(ks) != num_sections:
+        raise ValueError(f"clusters needs {num_sections} values (one per section), got {len(ks)}")
+    if any(not 1 <= k <= 256 for k in ks):
+        raise ValueError(f"cluster counts must be in 1..256 (8-bit indices), got {ks}")
+    return ks
+
+
+def codebook_for(
+    section: int, params: list[tuple[str, nn.Parameter]], k: int, seed: int = 0
+) -> SectionCodebook:
+    """Codebook and indices of one section's weights (exact if they have <= k distinct values)."""
+    flat = [p.detach().cpu().numpy().astype(np.float32).ravel() for _, p in params]
+    everything = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+    distinct = np.unique(everything)
+    exact = len(distinct) <= k
+    centroids = distinct if exact else kmeans_1d(everything, k, seed=seed + section)
+    if len(centroids) == 0:
+        centroids = np.zeros(1, np.float32)
+    indices = {
+        name: assign(p.detach().cpu().numpy().ravel(), centroids).reshape(tuple(p.shape))
+        for name, p in params
+    }
+    return SectionCodebook(section, centroids.astype(np.float32), indices, exact)
+
+
+def cluster_sections(
+    model: nn.Module, example_input: torch.Tensor, clusters: int | list[int], seed: int = 0
+) -> list[SectionCodebook]:
+    """Replace every conv/linear weight in place by its section's nearest centroid.
+
+    clusters: one int for all sections, or one per section (shallowest first).
+    Returns the per-section codebooks and indices.
+    """
+    graph = capture(model, example_input)
+    ks = per_section(clusters, graph.num_sections)
+    books = []
+    for s, params in enumerate(section_parameters(graph, model)):
+        book = codebook_for(s, params, ks[s], seed=seed)
+        with torch.no_grad():
+            for name, p in params:
+                values = torch.from_numpy(book.centroids[book.indices[name].astype(np.int64)])
+                p.copy_(values.to(p.dtype))
+        books.append(book)
+    return books

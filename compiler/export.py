@@ -1,0 +1,499 @@
+"""Write a captured, (optionally) clustered model as a .escepe flatbuffer.
+
+The writer checks its output with the runtime's own verifier before anything
+touches the disk, then writes atomically (temp file in the same folder, fsync,
+rename), so a failed export never leaves a half file or loses the old one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+
+import flatbuffers
+import numpy as np
+import torch
+from torch import nn
+
+import escepe_rt
+from compiler import cluster
+from compiler.graph import Graph, IRNode, capture
+from escepe_rt import format as fmt
+from escepe_rt import verify
+from escepe_rt._fbs import (
+    AdaptivePoolOptions,
+    Buffer,
+    Codebook,
+    Conv2DOptions,
+    Exit,
+    InputSpec,
+    KeyValue,
+    Model,
+    Node,
+    Pool2DOptions,
+    Section,
+    Tensor,
+    Value,
+)
+from escepe_rt._fbs.Encoding import Encoding
+from escepe_rt._fbs.ExitPolicy import ExitPolicy
+from escepe_rt._fbs.OpCode import OpCode
+from escepe_rt.encodings import index_bits, pack_indices
+
+log = logging.getLogger("escepe.export")
+WRITER = f"escepe {escepe_rt.__version__}"
+CHECKSUM_PLACEHOLDER = 0xFFFFFFFF  # non-default, so the field is always written
+
+
+@dataclass
+class SectionReport:
+    index: int
+    weights: int  # clustered (or raw) conv/linear weight count
+    clusters: int | None  # codebook size, None = raw float32
+    bits: int  # bits per stored weight index (32 for raw)
+    exact: bool  # codebook holds the exact weight values
+    stored_bytes: int  # weight + scale/shift buffer bytes
+
+
+@dataclass
+class ExportReport:
+    path: str
+    sections: list[SectionReport]
+    fp32_param_bytes: int  # every parameter of the uncompressed model in float32
+    file_bytes: int
+    zipped_bytes: int  # the file deflated in a .zip (what papers often quote)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_param_bytes / self.file_bytes
+
+    @property
+    def zipped_ratio(self) -> float:
+        return self.fp32_param_bytes / self.zipped_bytes
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.path}: {self.file_bytes:,} bytes, {self.ratio:.1f}x smaller than fp32 "
+            f"({self.fp32_param_bytes:,} B); zipped {self.zipped_bytes:,} B = "
+            f"{self.zipped_ratio:.1f}x"
+        ]
+        for s in self.sections:
+            k = "raw f32" if s.clusters is None else f"k={s.clusters} ({s.bits} bits)"
+            lines.append(
+                f"  section {s.index}: {s.weights:,} weights, {k}, {s.stored_bytes:,} B stored"
+            )
+        return "\n".join(lines)
+
+
+def fp32_param_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter (weights, biases, BN affine) in float32."""
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def export(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    clusters: int | list[int] | None = None,
+    thresholds: float | list[float] | None = None,
+    labels: list[str] | None = None,
+    input_mean: list[float] | None = None,
+    input_std: list[float] | None = None,
+    metadata: dict[str, str] | None = None,
+    exit_policy: str = "max_softmax",
+    seed: int = 0,
+) -> ExportReport:
+    """Compile `model` to a .escepe file at `path`; returns sizes and ratios.
+
+    clusters: None stores conv/linear weights as raw float32; an int (or one
+    per section) stores them as bit-packed indices into one codebook per
+    section. A section whose weights already have <= k distinct values (e.g.
+    after cluster_sections) is stored exactly; otherwise it is clustered here
+    (the model itself is left unchanged, and a warning says so).
+    """
+    graph = capture(model, example_input)
+    data = build(
+        graph,
+        model,
+        clusters=clusters,
+        thresholds=thresholds,
+        labels=labels,
+        input_mean=input_mean,
+        input_std=input_std,
+        metadata=metadata,
+        exit_policy=exit_policy,
+        seed=seed,
+    )
+    blob, sections, meta = data
+    atomic_write(path, blob)
+    return ExportReport(
+        str(path),
+        sections,
+        fp32_param_bytes(model),
+        len(blob),
+        zipped_size(blob, os.path.basename(path)),
+        meta,
+    )
+
+
+def zipped_size(blob: bytes, name: str = "model.escepe") -> int:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.writestr(name, blob)
+    return len(out.getvalue())
+
+
+def atomic_write(path: str | os.PathLike, blob: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------- building
+
+
+class _Writer:
+    """Accumulates tensors and buffers; owns the flatbuffers Builder."""
+
+    def __init__(self, size_hint: int):
+        self.b = flatbuffers.Builder(max(1024, size_hint))
+        self.tensors: list[int] = []  # finished Tensor offsets
+        self.buffers: list[int] = []  # finished Buffer offsets
+
+    def u32s(self, values) -> int:
+        return self.b.CreateNumpyVector(np.asarray(values, dtype=np.uint32))
+
+    def f32s(self, values) -> int:
+        return self.b.CreateNumpyVector(np.asarray(values, dtype=np.float32))
+
+    def buffer(self, payload: bytes) -> int:
+        """A Buffer whose data starts 64-byte aligned in the final file."""
+        b = self.b
+        b.StartVector(1, len(payload), fmt.BUFFER_ALIGNMENT)
+        b.head -= len(payload)
+        b.Bytes[b.head : b.head + len(payload)] = payload
+        data = b.EndVector()
+        Buffer.Start(b)
+        Buffer.AddData(b, data)
+        self.buffers.append(Buffer.End(b))
+        return len(self.buffers) - 1
+
+    def tensor(
+        self, name: str, shape, encoding: int, payload: bytes, bits: int = 0, codebook: int = -1
+    ) -> int:
+        buf = self.buffer(payload)
+        b = self.b
+        name_off = b.CreateString(name)
+        shape_off = self.u32s(shape)
+        Tensor.Start(b)
+        Tensor.AddName(b, name_off)
+        Tensor.AddShape(b, shape_off)
+        Tensor.AddEncoding(b, encoding)
+        Tensor.AddBits(b, bits)
+        Tensor.AddCodebook(b, codebook)
+        Tensor.AddBuffer(b, buf)
+        self.tensors.append(Tensor.End(b))
+        return len(self.tensors) - 1
+
+    def raw(self, name: str, array: np.ndarray) -> int:
+        a = np.ascontiguousarray(array, dtype="<f4")
+        return self.tensor(name, a.shape, Encoding.RAW_F32, a.tobytes())
+
+    def vector_of(self, offsets: list[int]) -> int:
+        b = self.b
+        b.StartVector(4, len(offsets), 4)
+        for off in reversed(offsets):
+            b.PrependUOffsetTRelative(off)
+        return b.EndVector()
+
+
+def _channel_affine(node: IRNode, modules) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-output-channel (scale, shift) from folded BN and the layer's bias."""
+    mod = modules[node.module] if node.module else None
+    bias = None
+    if node.op in (OpCode.CONV2D, OpCode.LINEAR) and mod.bias is not None:
+        bias = mod.bias.detach().double().cpu().numpy()
+    bn = modules[node.bn] if node.bn else (mod if node.op == OpCode.AFFINE else None)
+    if bn is None:
+        return None, None if bias is None else bias.astype(np.float32)
+    var = bn.running_var.detach().double().cpu().numpy()
+    mean = bn.running_mean.detach().double().cpu().numpy()
+    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else 1.0
+    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else 0.0
+    scale = gamma / np.sqrt(var + bn.eps) * np.ones_like(mean)
+    shift = beta - mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return scale.astype(np.float32), shift.astype(np.float32)
+
+
+def build(
+    graph: Graph,
+    model: nn.Module,
+    *,
+    clusters=None,
+    thresholds=None,
+    labels=None,
+    input_mean=None,
+    input_std=None,
+    metadata=None,
+    exit_policy="max_softmax",
+    seed: int = 0,
+) -> tuple[bytes, list[SectionReport], dict]:
+    """Serialise and verify; returns (file bytes, per-section report, metadata)."""
+    modules = dict(model.named_modules())
+    n_sec = graph.num_sections
+    ks = None if clusters is None else cluster.per_section(clusters, n_sec)
+    thresholds = _per_exit(thresholds, n_sec)
+    c = graph.input_shape[0]
+    for name, vec in (("input_mean", input_mean), ("input_std", input_std)):
+        if vec is not None and len(vec) != c:
+            raise ValueError(f"{name} needs {c} values (one per input channel), got {len(vec)}")
+    num_classes = graph.nodes[-1].shape[0] if graph.nodes else 0
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"labels needs {num_classes} names, got {len(labels)}")
+    if exit_policy not in ("max_softmax", "entropy"):
+        raise ValueError(f"exit_policy must be 'max_softmax' or 'entropy', got {exit_policy!r}")
+
+    section_params = cluster.section_parameters(graph, model)
+    size_hint = 4 * sum(p.numel() for ps in section_params for _, p in ps) // (8 if ks else 1)
+    w = _Writer(size_hint + 64 * 1024)
+    b = w.b
+
+    # Codebooks and weight tensors, section by section.
+    weight_tensor: dict[str, int] = {}
+    codebook_offsets = []
+    reports = []
+    for s, params in enumerate(section_params):
+        n_weights = sum(p.numel() for _, p in params)
+        if ks is None:
+            for name, p in params:
+                weight_tensor[name] = w.raw(name, p.detach().cpu().numpy())
+            reports.append(SectionReport(s, n_weights, None, 32, True, 4 * n_weights))
+            continue
+        book = cluster.codebook_for(s, params, ks[s], seed=seed)
+        if not book.exact:
+            log.warning(
+                "section %d has more than %d distinct weights: clustering it at export; "
+                "the file will differ from the model (run cluster_sections first)",
+                s,
+                ks[s],
+            )
+        bits = index_bits(len(book.centroids))
+        cents = w.f32s(book.centroids)
+        Codebook.Start(b)
+        Codebook.AddSection(b, s)
+        Codebook.AddCentroids(b, cents)
+        codebook_offsets.append(Codebook.End(b))
+        stored = 0
+        for name, p in params:
+            packed = pack_indices(book.indices[name], bits).tobytes()
+            stored += len(packed)
+            weight_tensor[name] = w.tensor(
+                name,
+                tuple(p.shape),
+                Encoding.PACKED_INDICES,
+                packed,
+                bits=bits,
+                codebook=len(codebook_offsets) - 1,
+            )
+        reports.append(SectionReport(s, n_weights, len(book.centroids), bits, book.exact, stored))
+
+    # Nodes (value 0 = input, node i produces value i + 1).
+    value_of = {"input": 0}
+    for i, node in enumerate(graph.nodes):
+        value_of[node.name] = i + 1
+    node_offsets = []
+    for node in graph.nodes:
+        weight = (
+            weight_tensor[f"{node.module}.weight"]
+            if node.op in (OpCode.CONV2D, OpCode.LINEAR)
+            else -1
+        )
+        scale, shift = _channel_affine(node, modules)
+        scale_t = -1 if scale is None else w.raw(f"{node.name}.scale", scale)
+        shift_t = -1 if shift is None else w.raw(f"{node.name}.shift", shift)
+        if scale_t >= 0 or shift_t >= 0:
+            reports[node.section].stored_bytes += 4 * (len(scale) if scale is not None else 0)
+            reports[node.section].stored_bytes += 4 * (len(shift) if shift is not None else 0)
+        node_offsets.append(_node(w, node, value_of, weight, scale_t, shift_t))
+
+    values = [("input", graph.input_shape)] + [(n.name, n.shape) for n in graph.nodes]
+    value_offsets = []
+    for name, shape in values:
+        name_off, shape_off = b.CreateString(name), w.u32s(shape)
+        Value.Start(b)
+        Value.AddName(b, name_off)
+        Value.AddShape(b, shape_off)
+        value_offsets.append(Value.End(b))
+
+    section_offsets, begin = [], 0
+    for s in range(n_sec):
+        end = begin + sum(1 for n in graph.nodes if n.section == s)
+        Section.Start(b)
+        Section.AddNodeBegin(b, begin)
+        Section.AddNodeEnd(b, end)
+        section_offsets.append(Section.End(b))
+        begin = end
+
+    exit_offsets = []
+    for s, logits in enumerate(graph.exits):
+        name_off = b.CreateString(graph.exit_names[s])
+        Exit.Start(b)
+        Exit.AddName(b, name_off)
+        Exit.AddLogits(b, value_of[logits])
+        Exit.AddThreshold(b, thresholds[s])
+        exit_offsets.append(Exit.End(b))
+
+    meta = {
+        "fp32_param_bytes": str(fp32_param_bytes(model)),
+        "model_class": type(model).__name__,
+        **(metadata or {}),
+    }
+    kv_offsets = []
+    for key in sorted(meta):  # `key` attribute: sorted for binary search
+        k_off, v_off = b.CreateString(str(key)), b.CreateString(str(meta[key]))
+        KeyValue.Start(b)
+        KeyValue.AddKey(b, k_off)
+        KeyValue.AddValue(b, v_off)
+        kv_offsets.append(KeyValue.End(b))
+    label_offsets = [b.CreateString(str(lbl)) for lbl in (labels or [])]
+
+    in_shape = w.u32s(graph.input_shape)
+    mean_off = w.f32s(input_mean) if input_mean is not None else None
+    std_off = w.f32s(input_std) if input_std is not None else None
+    InputSpec.Start(b)
+    InputSpec.AddShape(b, in_shape)
+    if mean_off is not None:
+        InputSpec.AddMean(b, mean_off)
+    if std_off is not None:
+        InputSpec.AddStd(b, std_off)
+    input_off = InputSpec.End(b)
+
+    vectors = {
+        name: w.vector_of(offs)
+        for name, offs in (
+            ("values", value_offsets),
+            ("nodes", node_offsets),
+            ("sections", section_offsets),
+            ("exits", exit_offsets),
+            ("tensors", w.tensors),
+            ("codebooks", codebook_offsets),
+            ("buffers", w.buffers),
+            ("labels", label_offsets),
+            ("metadata", kv_offsets),
+        )
+    }
+    writer_off = b.CreateString(WRITER)
+    Model.Start(b)
+    Model.AddSchemaMajor(b, fmt.SCHEMA_MAJOR)
+    Model.AddSchemaMinor(b, fmt.SCHEMA_MINOR)
+    Model.AddWriter(b, writer_off)
+    Model.AddChecksumCrc32(b, CHECKSUM_PLACEHOLDER)
+    Model.AddInput(b, input_off)
+    Model.AddValues(b, vectors["values"])
+    Model.AddNodes(b, vectors["nodes"])
+    Model.AddSections(b, vectors["sections"])
+    Model.AddExits(b, vectors["exits"])
+    Model.AddExitPolicy(
+        b, ExitPolicy.ENTROPY if exit_policy == "entropy" else ExitPolicy.MAX_SOFTMAX
+    )
+    Model.AddTensors(b, vectors["tensors"])
+    Model.AddCodebooks(b, vectors["codebooks"])
+    Model.AddBuffers(b, vectors["buffers"])
+    Model.AddLabels(b, vectors["labels"])
+    Model.AddMetadata(b, vectors["metadata"])
+    b.Finish(Model.End(b), file_identifier=fmt.FILE_IDENTIFIER)
+    blob = seal(bytearray(b.Output()))
+
+    # Refuse to write anything the runtime would refuse to read.
+    verify.check_structure(blob)
+    verify.check_model(blob, fmt.parse(blob))
+    return blob, reports, meta
+
+
+def seal(blob: bytearray) -> bytes:
+    """Fill in Model.checksum_crc32: CRC-32 of the file with the field read as zero."""
+    pos = fmt.checksum_position(blob)
+    blob[pos : pos + 4] = b"\0\0\0\0"
+    blob[pos : pos + 4] = zlib.crc32(blob).to_bytes(4, "little")
+    return bytes(blob)
+
+
+def _per_exit(thresholds, n: int) -> list[float]:
+    if thresholds is None:
+        return [1.0] * (n - 1) + [0.0]  # uncalibrated: run everything to the last exit
+    if np.isscalar(thresholds):
+        return [float(thresholds)] * n
+    values = [float(t) for t in thresholds]
+    if len(values) != n:
+        raise ValueError(f"thresholds needs {n} values (one per exit), got {len(values)}")
+    return values
+
+
+def _node(w: _Writer, node: IRNode, value_of: dict, weight: int, scale: int, shift: int) -> int:
+    b = w.b
+    name_off = b.CreateString(node.name)
+    inputs_off = w.u32s([value_of[i] for i in node.inputs])
+    opts = node.options
+    conv = pool = adaptive = None
+    if node.op == OpCode.CONV2D:
+        vecs = [w.u32s(opts[k]) for k in ("kernel", "stride", "padding", "dilation")]
+        Conv2DOptions.Start(b)
+        Conv2DOptions.AddKernel(b, vecs[0])
+        Conv2DOptions.AddStride(b, vecs[1])
+        Conv2DOptions.AddPadding(b, vecs[2])
+        Conv2DOptions.AddDilation(b, vecs[3])
+        Conv2DOptions.AddGroups(b, opts["groups"])
+        conv = Conv2DOptions.End(b)
+    elif node.op in (OpCode.MAX_POOL2D, OpCode.AVG_POOL2D):
+        vecs = [w.u32s(opts[k]) for k in ("kernel", "stride", "padding", "dilation")]
+        Pool2DOptions.Start(b)
+        Pool2DOptions.AddKernel(b, vecs[0])
+        Pool2DOptions.AddStride(b, vecs[1])
+        Pool2DOptions.AddPadding(b, vecs[2])
+        Pool2DOptions.AddDilation(b, vecs[3])
+        Pool2DOptions.AddCeilMode(b, opts["ceil_mode"])
+        Pool2DOptions.AddCountIncludePad(b, opts["count_include_pad"])
+        Pool2DOptions.AddDivisorOverride(b, opts["divisor_override"])
+        pool = Pool2DOptions.End(b)
+    elif node.op == OpCode.ADAPTIVE_AVG_POOL2D:
+        size = w.u32s(opts["output_size"])
+        AdaptivePoolOptions.Start(b)
+        AdaptivePoolOptions.AddOutputSize(b, size)
+        adaptive = AdaptivePoolOptions.End(b)
+    Node.Start(b)
+    Node.AddName(b, name_off)
+    Node.AddOp(b, node.op)
+    Node.AddInputs(b, inputs_off)
+    Node.AddOutput(b, value_of[node.name])
+    Node.AddSection(b, node.section)
+    Node.AddActivation(b, node.activation)
+    Node.AddWeight(b, weight)
+    Node.AddScale(b, scale)
+    Node.AddShift(b, shift)
+    if conv is not None:
+        Node.AddConv(b, conv)
+    if pool is not None:
+        Node.AddPool(b, pool)
+    if adaptive is not None:
+        Node.AddAdaptivePool(b, adaptive)
+    return Node.End(b)

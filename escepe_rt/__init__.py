@@ -1,0 +1,176 @@
+"""escepe_rt: run compressed early-exit networks (.escepe files) with numpy + numba.
+
+    import escepe_rt
+    m = escepe_rt.load("model.escepe")          # verifies every byte; FormatError if bad
+    r = m.predict(x)                            # x: float32 (N, C, H, W)
+    r.labels, r.exit_index, r.confidence, r.logits
+
+This package never imports torch or onnx.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from escepe_rt.errors import FormatError
+from escepe_rt.executor import CHUNK, POLICIES, Executor, Prediction, confidence
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "Prediction", "FormatError", "__version__"]
+
+
+def load(
+    path: str | os.PathLike,
+    threshold: float | Sequence[float] | None = None,
+    decode: str = "lazy",
+    policy: str | None = None,
+) -> Model:
+    """Open, verify and prepare a .escepe file.
+
+    threshold: one float for every exit, one per exit, or None for the
+        calibrated thresholds stored in the file. 0 exits everything at the
+        first exit; anything above 1 runs every sample to the last exit.
+    decode: "lazy" decodes a section's weights the first time a sample reaches
+        it; "eager" decodes all of them now.
+    policy: "max_softmax" or "entropy"; None uses the file's policy.
+    """
+    from escepe_rt import format as fmt
+    from escepe_rt import verify
+
+    if decode not in ("lazy", "eager"):
+        raise ValueError(f"decode must be 'lazy' or 'eager', got {decode!r}")
+    buf = fmt.map_file(path)
+    verify.check_structure(buf)
+    spec = fmt.parse(buf)
+    verify.check_model(buf, spec)
+    return Model(spec, buf, threshold=threshold, decode=decode, policy=policy, path=str(path))
+
+
+class Model:
+    """A loaded model. Thread-safe: concurrent predict() calls share decoded weights."""
+
+    def __init__(self, spec, buf, threshold=None, decode="lazy", policy=None, path=""):
+        self.spec = spec
+        self.path = path
+        self._executor = Executor(spec, buf, decode)
+        self.thresholds = self._resolve_thresholds(threshold)
+        if policy is None:
+            self.policy = spec.exit_policy
+        elif policy in POLICIES:
+            self.policy = POLICIES[policy]
+        else:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+
+    def _resolve_thresholds(self, threshold) -> list[float]:
+        n = len(self.spec.exits)
+        if threshold is None:
+            return [e.threshold for e in self.spec.exits]
+        if np.isscalar(threshold):
+            values = [float(threshold)] * n
+        else:
+            values = [float(t) for t in threshold]
+            if len(values) != n:
+                raise ValueError(f"threshold needs {n} values (one per exit), got {len(values)}")
+        if any(np.isnan(v) for v in values):
+            raise ValueError("threshold must not be NaN")
+        return values
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample (C, H, W)."""
+        return self.spec.input_shape
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.spec.labels)
+
+    def _check_input(self, x) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"expected a numpy array, got {type(x).__name__}")
+        want = self.input_shape
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"expected input of shape (N, {', '.join(map(str, want))}) (NCHW), got {x.shape}"
+            )
+        if x.dtype != np.float32:
+            hint = " (use Model.preprocess for uint8 images)" if x.dtype == np.uint8 else ""
+            raise ValueError(f"expected float32 input, got {x.dtype}{hint}")
+        if not np.isfinite(x).all():
+            raise ValueError("input holds NaN or inf; expected finite values")
+        return x
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, H, W, C), or (N, H, W) for one channel -> normalised float32 NCHW."""
+        images = np.asarray(images)
+        c, h, w = self.input_shape
+        if images.dtype != np.uint8:
+            raise ValueError(f"preprocess expects uint8 images, got {images.dtype}")
+        if images.ndim == 3 and c == 1:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[1:] != (h, w, c):
+            raise ValueError(
+                f"preprocess expects uint8 images of shape (N, {h}, {w}, {c})"
+                f"{f' or (N, {h}, {w})' if c == 1 else ''}, got {images.shape}"
+            )
+        x = images.astype(np.float32) / 255.0
+        if self.spec.input_mean:
+            x -= np.asarray(self.spec.input_mean, np.float32)
+        if self.spec.input_std:
+            x /= np.asarray(self.spec.input_std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    # ------------------------------------------------------------------ running
+    def predict(self, x: np.ndarray) -> Prediction:
+        """Early-exit inference; results in input order. Big batches run in chunks."""
+        x = self._check_input(x)
+        parts = [
+            self._executor.predict(_to_nhwc(x[i : i + CHUNK]), self.thresholds, self.policy)
+            for i in range(0, max(len(x), 1), CHUNK)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return Prediction(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("labels", "exit_index", "confidence", "logits")
+            )
+        )
+
+    def run_all_exits(self, x: np.ndarray) -> list[np.ndarray]:
+        """Logits (N, K) of every exit for every sample (no early exit)."""
+        x = self._check_input(x)
+        chunks = [
+            self._executor.run_all_exits(_to_nhwc(x[i : i + CHUNK]))
+            for i in range(0, max(len(x), 1), CHUNK)
+        ]
+        return [np.concatenate([c[e] for c in chunks]) for e in range(len(self.spec.exits))]
+
+    def confidence(self, logits: np.ndarray) -> np.ndarray:
+        return confidence(logits, self.policy)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def decoded_sections(self) -> list[int]:
+        return sorted(self._executor.decoded_sections)
+
+    @property
+    def exits(self) -> list[dict]:
+        return self.info["exits"]
+
+    @property
+    def sections(self) -> list[dict]:
+        return self.info["sections"]
+
+    @property
+    def info(self) -> dict:
+        from escepe_rt.summary import model_info
+
+        return model_info(self.spec, self.path, self.thresholds)
+
+
+def _to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))

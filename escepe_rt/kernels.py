@@ -1,0 +1,627 @@
+"""Op kernels of the escepe runtime: numpy + numba, float32, channels-last.
+
+Activations are NHWC (or (N, F) for 2-D) so that the channel vector of one pixel is contiguous:
+im2col can then copy whole channel runs per kernel tap, and the per-channel epilogue
+(folded batch-norm scale/shift + activation) and depthwise/pooling loops vectorise over the
+innermost axis. Convolutions become one big (N*Ho*Wo, kh*kw*Cin) x (kh*kw*Cin, Cout) sgemm per
+group, which hands the heavy arithmetic to numpy's BLAS; everything around it (im2col,
+epilogues, depthwise, pooling) is written in numba, row-parallel and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "ACT_NONE",
+    "ACT_RELU",
+    "ACT_RELU6",
+    "ConvWeight",
+    "prepare_conv_weight",
+    "conv2d",
+    "prepare_linear_weight",
+    "linear",
+    "affine",
+    "activate",
+    "add",
+    "concat_channels",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "flatten_nchw",
+    "softmax",
+    "max_softmax",
+    "entropy",
+    "pool_output_size",
+]
+
+ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
+_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
+
+_F32 = np.float32
+_EMPTY = np.empty(0, dtype=_F32)
+
+_jit = numba.njit(cache=True, fastmath=False)
+_pjit = numba.njit(cache=True, fastmath=False, parallel=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _f32(x) -> np.ndarray:
+    """float32, C-contiguous view of x (copies only when needed)."""
+    return np.ascontiguousarray(x, dtype=_F32)
+
+
+def _vec(v, n: int, name: str) -> tuple[np.ndarray, bool]:
+    if v is None:
+        return _EMPTY, False
+    a = _f32(v).reshape(-1)
+    if a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} entries, expected {n}")
+    return a, True
+
+
+def _check_act(activation: int) -> int:
+    act = int(activation)
+    if act not in _ACTS:
+        raise ValueError(f"unknown activation code {activation!r}")
+    return act
+
+
+# ----------------------------------------------------------------------------------------------
+# numba kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _act1(v, act):
+    # NaN-preserving (like torch): comparisons with NaN are false.
+    if act == 1:
+        if v < 0.0:
+            v = 0.0
+    elif act == 2:
+        if v < 0.0:
+            v = 0.0
+        elif v > 6.0:
+            v = 6.0
+    return v
+
+
+@_pjit
+def _epilogue2d(src, dst, col0, scale, shift, has_scale, has_shift, act):
+    """dst[:, col0:col0+C] = act(src * scale + shift); src may be dst itself (col0 == 0)."""
+    m, c = src.shape
+    for i in prange(m):
+        s = src[i]
+        d = dst[i]
+        if has_scale and has_shift:
+            for j in range(c):
+                d[col0 + j] = _act1(s[j] * scale[j] + shift[j], act)
+        elif has_scale:
+            for j in range(c):
+                d[col0 + j] = _act1(s[j] * scale[j], act)
+        elif has_shift:
+            for j in range(c):
+                d[col0 + j] = _act1(s[j] + shift[j], act)
+        else:
+            for j in range(c):
+                d[col0 + j] = _act1(s[j], act)
+
+
+@_jit
+def _activate1d(x, out, act):
+    for i in range(x.shape[0]):
+        out[i] = _act1(x[i], act)
+
+
+@_jit
+def _add1d(a, b, out, act):
+    for i in range(a.shape[0]):
+        out[i] = _act1(a[i] + b[i], act)
+
+
+@_pjit
+def _im2col(x, cols, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """cols[(n*ho+oy)*wo+ox, (ky*kw+kx)*cg + c] = x[n, iy, ix, c0 + c] (0 outside)."""
+    n_, h, w, _ = x.shape
+    for r in prange(n_ * ho):
+        n = r // ho
+        oy = r - n * ho
+        for ox in range(wo):
+            row = cols[r * wo + ox]
+            for ky in range(kh):
+                iy = oy * sh - ph + ky * dh
+                for kx in range(kw):
+                    ix = ox * sw - pw + kx * dw
+                    k0 = (ky * kw + kx) * cg
+                    if iy >= 0 and iy < h and ix >= 0 and ix < w:
+                        px = x[n, iy, ix]
+                        for c in range(cg):
+                            row[k0 + c] = px[c0 + c]
+                    else:
+                        for c in range(cg):
+                            row[k0 + c] = 0.0
+
+
+@_pjit
+def _depthwise(x, wt, out, mult, sh, sw, ph, pw, dh, dw, scale, shift, has_scale, has_shift, act):
+    """Depthwise conv, output channel o reads input channel o // mult; wt is (kh, kw, Cout)."""
+    n_, h, w, cin = x.shape
+    kh, kw, cout = wt.shape
+    ho = out.shape[1]
+    wo = out.shape[2]
+    for r in prange(n_ * ho):
+        n = r // ho
+        oy = r - n * ho
+        for ox in range(wo):
+            acc = out[n, oy, ox]
+            for o in range(cout):
+                acc[o] = 0.0
+            for ky in range(kh):
+                iy = oy * sh - ph + ky * dh
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(kw):
+                    ix = ox * sw - pw + kx * dw
+                    if ix < 0 or ix >= w:
+                        continue
+                    px = x[n, iy, ix]
+                    wk = wt[ky, kx]
+                    if mult == 1:
+                        for c in range(cin):
+                            acc[c] += px[c] * wk[c]
+                    else:
+                        for c in range(cin):
+                            xv = px[c]
+                            base = c * mult
+                            for j in range(mult):
+                                acc[base + j] += xv * wk[base + j]
+            if has_scale and has_shift:
+                for o in range(cout):
+                    acc[o] = _act1(acc[o] * scale[o] + shift[o], act)
+            elif has_scale:
+                for o in range(cout):
+                    acc[o] = _act1(acc[o] * scale[o], act)
+            elif has_shift:
+                for o in range(cout):
+                    acc[o] = _act1(acc[o] + shift[o], act)
+            elif act != 0:
+                for o in range(cout):
+                    acc[o] = _act1(acc[o], act)
+
+
+@_pjit
+def _max_pool(x, out, kh, kw, sh, sw, ph, pw, dh, dw):
+    n_, h, w, c = x.shape
+    ho = out.shape[1]
+    wo = out.shape[2]
+    for r in prange(n_ * ho):
+        n = r // ho
+        oy = r - n * ho
+        for ox in range(wo):
+            acc = out[n, oy, ox]
+            for j in range(c):
+                acc[j] = -np.inf
+            for ky in range(kh):
+                iy = oy * sh - ph + ky * dh
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(kw):
+                    ix = ox * sw - pw + kx * dw
+                    if ix < 0 or ix >= w:
+                        continue
+                    px = x[n, iy, ix]
+                    for j in range(c):
+                        v = px[j]
+                        # torch propagates NaN: (v > m) || isnan(v)
+                        if v > acc[j] or v != v:
+                            acc[j] = v
+
+
+@_pjit
+def _avg_pool(x, out, kh, kw, sh, sw, ph, pw, count_include_pad, divisor):
+    n_, h, w, c = x.shape
+    ho = out.shape[1]
+    wo = out.shape[2]
+    for r in prange(n_ * ho):
+        n = r // ho
+        oy = r - n * ho
+        # torch: window clipped to the padded extent for the pool size, then to the input
+        y0 = oy * sh - ph
+        y1 = min(y0 + kh, h + ph)
+        pool_h = y1 - y0
+        y0 = max(y0, 0)
+        y1 = min(y1, h)
+        for ox in range(wo):
+            x0 = ox * sw - pw
+            x1 = min(x0 + kw, w + pw)
+            pool_size = pool_h * (x1 - x0)
+            x0 = max(x0, 0)
+            x1 = min(x1, w)
+            if divisor != 0:
+                div = divisor
+            elif count_include_pad:
+                div = pool_size
+            else:
+                div = (y1 - y0) * (x1 - x0)
+            acc = out[n, oy, ox]
+            for j in range(c):
+                acc[j] = 0.0
+            for iy in range(y0, y1):
+                for ix in range(x0, x1):
+                    px = x[n, iy, ix]
+                    for j in range(c):
+                        acc[j] += px[j]
+            fdiv = np.float32(div)
+            for j in range(c):
+                acc[j] = acc[j] / fdiv
+
+
+@_pjit
+def _adaptive_avg_pool(x, out):
+    n_, h, w, c = x.shape
+    oh = out.shape[1]
+    ow = out.shape[2]
+    for r in prange(n_ * oh):
+        n = r // oh
+        i = r - n * oh
+        y0 = (i * h) // oh
+        y1 = ((i + 1) * h + oh - 1) // oh
+        for k in range(ow):
+            x0 = (k * w) // ow
+            x1 = ((k + 1) * w + ow - 1) // ow
+            acc = out[n, i, k]
+            for j in range(c):
+                acc[j] = 0.0
+            for iy in range(y0, y1):
+                for ix in range(x0, x1):
+                    px = x[n, iy, ix]
+                    for j in range(c):
+                        acc[j] += px[j]
+            fdiv = np.float32((y1 - y0) * (x1 - x0))
+            for j in range(c):
+                acc[j] = acc[j] / fdiv
+
+
+# ----------------------------------------------------------------------------------------------
+# convolution
+# ----------------------------------------------------------------------------------------------
+
+
+class ConvWeight(NamedTuple):
+    """A conv weight prepared once per model load.
+
+    ``gemm``: (groups, kh*kw*Cin_g, Cout_g) float32, row order (ky, kx, ci) matching im2col of
+    NHWC input; None for depthwise. ``dw``: (kh, kw, Cout) float32 for depthwise convs
+    (groups == Cin, Cin_g == 1, Cout = multiplier * Cin); None otherwise.
+    """
+
+    Cout: int
+    Cin: int  # total input channels (Cin_g * groups)
+    kh: int
+    kw: int
+    groups: int
+    gemm: np.ndarray | None
+    dw: np.ndarray | None
+
+    @property
+    def depthwise(self) -> bool:
+        return self.dw is not None
+
+
+def prepare_conv_weight(weight_oihw: np.ndarray, groups: int) -> ConvWeight:
+    """Prepare a PyTorch-layout (Cout, Cin/groups, kh, kw) weight for :func:`conv2d`."""
+    w = np.asarray(weight_oihw, dtype=_F32)
+    if w.ndim != 4:
+        raise ValueError(f"conv weight must be 4-D (Cout, Cin/groups, kh, kw), got {w.shape}")
+    groups = int(groups)
+    cout, cin_g, kh, kw = (int(s) for s in w.shape)
+    if groups < 1 or cout % groups != 0:
+        raise ValueError(f"Cout={cout} is not divisible by groups={groups}")
+    cin = cin_g * groups
+    if groups > 1 and cin_g == 1:
+        # depthwise (with channel multiplier): (Cout, 1, kh, kw) -> (kh, kw, Cout)
+        dw = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+        return ConvWeight(cout, cin, kh, kw, groups, None, dw)
+    cout_g = cout // groups
+    # (G, Cout_g, Cin_g, kh, kw) -> (G, kh, kw, Cin_g, Cout_g) -> (G, kh*kw*Cin_g, Cout_g)
+    g = w.reshape(groups, cout_g, cin_g, kh, kw).transpose(0, 3, 4, 2, 1)
+    gemm = np.ascontiguousarray(g).reshape(groups, kh * kw * cin_g, cout_g)
+    return ConvWeight(cout, cin, kh, kw, groups, gemm, None)
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv2d(
+    x: np.ndarray,
+    w: ConvWeight,
+    scale,
+    shift,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    activation: int,
+) -> np.ndarray:
+    """NHWC conv with torch semantics, fused per-channel ``acc * scale + shift`` and activation."""
+    x = _f32(x)
+    if x.ndim != 4:
+        raise ValueError(f"conv2d expects NHWC input, got shape {x.shape}")
+    n, h, wd, c = x.shape
+    if c != w.Cin:
+        raise ValueError(f"input has {c} channels, weight expects {w.Cin}")
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("stride/dilation must be >= 1 and padding >= 0")
+    act = _check_act(activation)
+    kh, kw, cout = w.kh, w.kw, w.Cout
+    ho = _conv_out(h, kh, sh, ph, dh)
+    wo = _conv_out(wd, kw, sw, pw, dw)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"conv output would be empty ({ho}x{wo}) for input {h}x{wd}")
+    sc, has_sc = _vec(scale, cout, "scale")
+    sf, has_sf = _vec(shift, cout, "shift")
+    out = np.empty((n, ho, wo, cout), dtype=_F32)
+    if n == 0:
+        return out
+
+    if w.dw is not None:
+        _depthwise(x, w.dw, out, cout // c, sh, sw, ph, pw, dh, dw, sc, sf, has_sc, has_sf, act)
+        return out
+
+    m = n * ho * wo
+    out2d = out.reshape(m, cout)
+    need_epi = has_sc or has_sf or act != ACT_NONE
+    if w.groups == 1:
+        if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
+            np.dot(x.reshape(m, c), w.gemm[0], out=out2d)  # pointwise: no im2col at all
+        else:
+            cols = np.empty((m, kh * kw * c), dtype=_F32)
+            _im2col(x, cols, 0, c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+            np.dot(cols, w.gemm[0], out=out2d)
+        if need_epi:
+            _epilogue2d(out2d, out2d, 0, sc, sf, has_sc, has_sf, act)
+        return out
+
+    g = w.groups
+    cin_g = c // g
+    cout_g = cout // g
+    cols = np.empty((m, kh * kw * cin_g), dtype=_F32)
+    tmp = np.empty((m, cout_g), dtype=_F32)
+    for gi in range(g):
+        _im2col(x, cols, gi * cin_g, cin_g, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+        np.dot(cols, w.gemm[gi], out=tmp)
+        lo = gi * cout_g
+        _epilogue2d(
+            tmp,
+            out2d,
+            lo,
+            sc[lo : lo + cout_g] if has_sc else sc,
+            sf[lo : lo + cout_g] if has_sf else sf,
+            has_sc,
+            has_sf,
+            act,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# linear / elementwise
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_linear_weight(weight_oi: np.ndarray) -> np.ndarray:
+    """PyTorch (O, I) weight -> contiguous float32 (I, O) so that ``x @ w`` is one sgemm."""
+    w = np.asarray(weight_oi, dtype=_F32)
+    if w.ndim != 2:
+        raise ValueError(f"linear weight must be 2-D (O, I), got {w.shape}")
+    return np.ascontiguousarray(w.T)
+
+
+def linear(x: np.ndarray, w_prepared, scale, shift, activation: int) -> np.ndarray:
+    """(N, I) @ (I, O) with fused per-feature ``scale``/``shift`` (bias) and activation."""
+    x = _f32(x)
+    w = w_prepared
+    if x.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"linear: input {x.shape} does not match weight (I, O) = {w.shape}")
+    act = _check_act(activation)
+    o = w.shape[1]
+    sc, has_sc = _vec(scale, o, "scale")
+    sf, has_sf = _vec(shift, o, "shift")
+    out = np.empty((x.shape[0], o), dtype=_F32)
+    np.dot(x, w, out=out)
+    if has_sc or has_sf or act != ACT_NONE:
+        _epilogue2d(out, out, 0, sc, sf, has_sc, has_sf, act)
+    return out
+
+
+def affine(x: np.ndarray, scale, shift, activation: int) -> np.ndarray:
+    """Per-channel ``x * scale + shift`` then activation, on the last axis (standalone BN)."""
+    x = _f32(x)
+    act = _check_act(activation)
+    c = x.shape[-1]
+    sc, has_sc = _vec(scale, c, "scale")
+    sf, has_sf = _vec(shift, c, "shift")
+    out = np.empty(x.shape, dtype=_F32)
+    src = x.reshape(-1, c)
+    _epilogue2d(src, out.reshape(-1, c), 0, sc, sf, has_sc, has_sf, act)
+    return out
+
+
+def activate(x: np.ndarray, activation: int) -> np.ndarray:
+    """Standalone ReLU / ReLU6 (ACT_NONE returns a copy)."""
+    x = _f32(x)
+    act = _check_act(activation)
+    out = np.empty(x.shape, dtype=_F32)
+    _activate1d(x.reshape(-1), out.reshape(-1), act)
+    return out
+
+
+def add(a: np.ndarray, b: np.ndarray, activation: int) -> np.ndarray:
+    """Residual add of two same-shaped tensors, then activation."""
+    a = _f32(a)
+    b = _f32(b)
+    if a.shape != b.shape:
+        raise ValueError(f"add: shapes differ {a.shape} vs {b.shape}")
+    act = _check_act(activation)
+    out = np.empty(a.shape, dtype=_F32)
+    _add1d(a.reshape(-1), b.reshape(-1), out.reshape(-1), act)
+    return out
+
+
+def concat_channels(xs: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the last axis (channels for NHWC, features for (N, F))."""
+    if len(xs) == 0:
+        raise ValueError("concat_channels needs at least one input")
+    return np.concatenate([np.asarray(t, dtype=_F32) for t in xs], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling
+# ----------------------------------------------------------------------------------------------
+
+
+def pool_output_size(
+    in_size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> int:
+    """torch's pooling_output_shape: floor/ceil division, and with ceil_mode the last window must
+    start inside the input or the left padding (otherwise it is dropped)."""
+    num = in_size + 2 * padding - dilation * (kernel - 1) - 1
+    if ceil_mode:
+        num += stride - 1
+    out = num // stride + 1  # python floor division == torch's div_rtn
+    if ceil_mode and (out - 1) * stride >= in_size + padding:
+        out -= 1
+    return out
+
+
+def _pool_geometry(x, kernel, stride, padding, dilation, ceil_mode, name):
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects NHWC input, got shape {x.shape}")
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(kernel if stride is None else stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"{name}: kernel/stride/dilation must be >= 1 and padding >= 0")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"{name}: padding should be at most half of kernel size")
+    ho = pool_output_size(x.shape[1], kh, sh, ph, dh, bool(ceil_mode))
+    wo = pool_output_size(x.shape[2], kw, sw, pw, dw, bool(ceil_mode))
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{name}: output would be empty ({ho}x{wo})")
+    return kh, kw, sh, sw, ph, pw, dh, dw, ho, wo
+
+
+def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode) -> np.ndarray:
+    """NHWC max pooling, torch semantics (implicit -inf padding, dilation, ceil_mode)."""
+    x = _f32(x)
+    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = _pool_geometry(
+        x, kernel, stride, padding, dilation, ceil_mode, "max_pool2d"
+    )
+    out = np.empty((x.shape[0], ho, wo, x.shape[3]), dtype=_F32)
+    _max_pool(x, out, kh, kw, sh, sw, ph, pw, dh, dw)
+    return out
+
+
+def avg_pool2d(
+    x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+) -> np.ndarray:
+    """NHWC average pooling, torch semantics (incl. ceil_mode windows clipped to the padded
+    extent, count_include_pad and divisor_override)."""
+    x = _f32(x)
+    kh, kw, sh, sw, ph, pw, _, _, ho, wo = _pool_geometry(
+        x, kernel, stride, padding, 1, ceil_mode, "avg_pool2d"
+    )
+    div = 0 if divisor_override is None else int(divisor_override)
+    if divisor_override is not None and div == 0:
+        raise ValueError("avg_pool2d: divisor_override must be non-zero")
+    out = np.empty((x.shape[0], ho, wo, x.shape[3]), dtype=_F32)
+    _avg_pool(x, out, kh, kw, sh, sw, ph, pw, bool(count_include_pad), div)
+    return out
+
+
+def adaptive_avg_pool2d(x, output_size: tuple[int, int]) -> np.ndarray:
+    """NHWC adaptive average pooling with torch's bins [floor(i*H/oh), ceil((i+1)*H/oh))."""
+    x = _f32(x)
+    if x.ndim != 4:
+        raise ValueError(f"adaptive_avg_pool2d expects NHWC input, got shape {x.shape}")
+    oh, ow = _pair(output_size)
+    if oh < 1 or ow < 1:
+        raise ValueError("adaptive_avg_pool2d: output size must be >= 1")
+    n, h, w, c = x.shape
+    if oh == 1 and ow == 1:
+        # global average pool: numpy's pairwise sum is accurate and fast
+        return x.mean(axis=(1, 2), dtype=_F32).reshape(n, 1, 1, c)
+    out = np.empty((n, oh, ow, c), dtype=_F32)
+    _adaptive_avg_pool(x, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reshaping / heads
+# ----------------------------------------------------------------------------------------------
+
+
+def flatten_nchw(x: np.ndarray) -> np.ndarray:
+    """NHWC (N, H, W, C) -> (N, C*H*W) in PyTorch's NCHW flatten order; 2-D passes through."""
+    x = np.asarray(x, dtype=_F32)
+    if x.ndim == 2:
+        return x
+    if x.ndim != 4:
+        raise ValueError(f"flatten_nchw expects 2-D or NHWC input, got shape {x.shape}")
+    n = x.shape[0]
+    # no copy when H == W == 1 (the transposed view is already C-contiguous)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(n, -1)
+
+
+def _shifted(logits) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"expected (N, K) logits, got shape {z.shape}")
+    return z - z.max(axis=1, keepdims=True)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) logits, max-subtracted (stable for huge logits)."""
+    e = np.exp(_shifted(logits))
+    return (e / e.sum(axis=1, keepdims=True)).astype(_F32)
+
+
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+    """(N,) confidence: the largest softmax probability, 1 / sum(exp(z - max z))."""
+    return (1.0 / np.exp(_shifted(logits)).sum(axis=1)).astype(_F32)
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """(N,) softmax entropy divided by log K, in [0, 1] (0 when K == 1)."""
+    z = _shifted(logits)
+    k = z.shape[1]
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    p = e / s
+    # H = -sum p log p with log p = z - log s; terms with p == 0 contribute 0 (avoid 0 * -inf)
+    plogp = np.where(p > 0.0, p * (z - np.log(s)), 0.0)
+    h = -plogp.sum(axis=1)
+    if k <= 1:
+        return np.zeros(z.shape[0], dtype=_F32)
+    return np.clip(h / math.log(k), 0.0, 1.0).astype(_F32)

@@ -1,0 +1,519 @@
+"""Every check on untrusted bytes, done once at load, before any kernel runs.
+
+Two passes:
+1. `check_structure` walks the flatbuffer like flatc's C++ Verifier: every
+   table, vtable, vector and string must lie inside the file, be aligned, and
+   strings must be UTF-8. It is driven by LAYOUT, a mirror of schema/escepe.fbs
+   (a test checks that the two agree). After it, the generated accessors can
+   follow any offset without reading outside the file.
+2. `check_model` checks meaning: versions, checksum, graph consistency and
+   shape inference, tensor buffers against shapes and bit widths, every index
+   < its codebook size (a numba scan), sections and exits.
+Every failure is a FormatError naming the field and the byte offset.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+
+from escepe_rt import decode
+from escepe_rt._fbs.Activation import Activation
+from escepe_rt._fbs.Encoding import Encoding
+from escepe_rt._fbs.ExitPolicy import ExitPolicy
+from escepe_rt._fbs.OpCode import OpCode
+from escepe_rt.encodings import ENCODINGS
+from escepe_rt.errors import FormatError
+from escepe_rt.format import (
+    BUFFER_ALIGNMENT,
+    FILE_IDENTIFIER,
+    SCHEMA_MAJOR,
+    ModelSpec,
+    NodeSpec,
+    buffer_bytes,
+    checksum_position,
+)
+
+# Per-sample activation size cap (elements): a small file must not be able to
+# ask for a huge allocation per sample. 2**26 floats = 256 MiB per sample.
+MAX_VALUE_ELEMENTS = 1 << 26
+MAX_FILE_BYTES = (1 << 31) - 1  # flatbuffers' 32-bit offsets
+
+# Field types: scalar struct codes, "str", "[x]" vectors of scalars, "[str]",
+# "T:Name" tables and "[T:Name]" vectors of tables. Order = schema order.
+LAYOUT: dict[str, list[tuple[str, str]]] = {
+    "Buffer": [("data", "[B]")],
+    "Codebook": [("section", "I"), ("centroids", "[f]")],
+    "Tensor": [
+        ("name", "str"),
+        ("shape", "[I]"),
+        ("encoding", "B"),
+        ("bits", "B"),
+        ("codebook", "i"),
+        ("buffer", "I"),
+    ],
+    "Conv2DOptions": [
+        ("kernel", "[I]"),
+        ("stride", "[I]"),
+        ("padding", "[I]"),
+        ("dilation", "[I]"),
+        ("groups", "I"),
+    ],
+    "Pool2DOptions": [
+        ("kernel", "[I]"),
+        ("stride", "[I]"),
+        ("padding", "[I]"),
+        ("dilation", "[I]"),
+        ("ceil_mode", "?"),
+        ("count_include_pad", "?"),
+        ("divisor_override", "I"),
+    ],
+    "AdaptivePoolOptions": [("output_size", "[I]")],
+    "Value": [("name", "str"), ("shape", "[I]")],
+    "Node": [
+        ("name", "str"),
+        ("op", "B"),
+        ("inputs", "[I]"),
+        ("output", "I"),
+        ("section", "I"),
+        ("activation", "B"),
+        ("weight", "i"),
+        ("scale", "i"),
+        ("shift", "i"),
+        ("conv", "T:Conv2DOptions"),
+        ("pool", "T:Pool2DOptions"),
+        ("adaptive_pool", "T:AdaptivePoolOptions"),
+    ],
+    "Section": [("node_begin", "I"), ("node_end", "I")],
+    "Exit": [("name", "str"), ("logits", "I"), ("threshold", "f")],
+    "InputSpec": [("shape", "[I]"), ("mean", "[f]"), ("std", "[f]")],
+    "KeyValue": [("key", "str"), ("value", "str")],
+    "Model": [
+        ("schema_major", "H"),
+        ("schema_minor", "H"),
+        ("writer", "str"),
+        ("checksum_crc32", "I"),
+        ("input", "T:InputSpec"),
+        ("values", "[T:Value]"),
+        ("nodes", "[T:Node]"),
+        ("sections", "[T:Section]"),
+        ("exits", "[T:Exit]"),
+        ("exit_policy", "B"),
+        ("tensors", "[T:Tensor]"),
+        ("codebooks", "[T:Codebook]"),
+        ("buffers", "[T:Buffer]"),
+        ("labels", "[str]"),
+        ("metadata", "[T:KeyValue]"),
+    ],
+}
+# Vectors whose data must start on a 64-byte boundary (zero-copy views).
+ALIGNED_VECTORS = {("Buffer", "data")}
+
+
+class _Walker:
+    """Bounds-checking flatbuffer walker over a read-only byte buffer."""
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.size = len(buf)
+
+    def _u32(self, pos: int, path: str) -> int:
+        self._need(pos, 4, path, 4)
+        return struct.unpack_from("<I", self.buf, pos)[0]
+
+    def _need(self, pos: int, n: int, path: str, align: int = 1) -> None:
+        if pos < 0 or n < 0 or pos + n > self.size:
+            raise FormatError(
+                f"{n} bytes at offset {pos} run past the end of the file ({self.size} bytes)",
+                field=path,
+                offset=pos,
+            )
+        if pos % align:
+            raise FormatError(f"offset {pos} is not {align}-byte aligned", field=path, offset=pos)
+
+    def table(self, pos: int, kind: str, path: str) -> None:
+        self._need(pos, 4, path, 4)
+        vtable = pos - struct.unpack_from("<i", self.buf, pos)[0]
+        self._need(vtable, 4, path + " (vtable)", 2)
+        vt_size, obj_size = struct.unpack_from("<HH", self.buf, vtable)
+        if vt_size < 4 or vt_size % 2:
+            raise FormatError(f"bad vtable size {vt_size}", field=path, offset=vtable)
+        self._need(vtable, vt_size, path + " (vtable)")
+        if obj_size < 4:
+            raise FormatError(f"bad table size {obj_size}", field=path, offset=pos)
+        self._need(pos, obj_size, path)
+        n_slots = (vt_size - 4) // 2
+        for i, (name, ftype) in enumerate(LAYOUT[kind]):
+            if i >= n_slots:
+                break  # older writer: absent fields take their defaults
+            field_off = struct.unpack_from("<H", self.buf, vtable + 4 + 2 * i)[0]
+            if field_off == 0:
+                continue
+            fpath = f"{path}.{name}" if path else name
+            fpos = pos + field_off
+            width = struct.calcsize("<" + ftype) if _is_scalar(ftype) else 4
+            if field_off + width > obj_size:
+                raise FormatError("field lies outside its table", field=fpath, offset=fpos)
+            self._need(fpos, width, fpath, width)
+            if not _is_scalar(ftype):
+                self.reference(fpos + self._u32(fpos, fpath), ftype, fpath, kind, name)
+        # Fields beyond LAYOUT belong to a newer minor version; their offsets are
+        # not followed by this reader, so they need no checks here.
+
+    def reference(self, target: int, ftype: str, path: str, kind: str, name: str) -> None:
+        if ftype.startswith("T:"):
+            self.table(target, ftype[2:], path)
+            return
+        n = self._u32(target, path)
+        data = target + 4
+        if ftype == "str":
+            self._need(data, n + 1, path)
+            try:
+                bytes(self.buf[data : data + n]).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FormatError(
+                    f"string is not UTF-8 ({e.reason})", field=path, offset=data
+                ) from None
+            return
+        elem = ftype[1:-1]
+        width = 4 if elem in ("str",) or elem.startswith("T:") else struct.calcsize("<" + elem)
+        if n > (self.size - data) // max(width, 1):
+            raise FormatError(
+                f"vector of {n} x {width} bytes runs past the end of the file ({self.size} bytes)",
+                field=path,
+                offset=target,
+            )
+        self._need(data, n * width, path, min(width, 4))
+        if (kind, name) in ALIGNED_VECTORS and data % BUFFER_ALIGNMENT:
+            raise FormatError(
+                f"buffer data is not {BUFFER_ALIGNMENT}-byte aligned", field=path, offset=data
+            )
+        if elem == "str" or elem.startswith("T:"):
+            offsets = np.frombuffer(self.buf, dtype="<u4", count=n, offset=data)
+            for j in range(n):
+                at = data + 4 * j
+                self.reference(at + int(offsets[j]), elem, f"{path}[{j}]", kind, name)
+
+
+def _is_scalar(ftype: str) -> bool:
+    return ftype not in ("str",) and not ftype.startswith(("[", "T:"))
+
+
+def check_structure(buf) -> None:
+    """Identifier, root offset and every table/vector/string inside the file."""
+    size = len(buf)
+    if size < 8:
+        raise FormatError(f"file is {size} bytes, too short for a flatbuffer", "file", 0)
+    if size > MAX_FILE_BYTES:
+        raise FormatError(f"file is {size} bytes; the format's limit is 2 GiB", "file", 0)
+    ident = bytes(buf[4:8])
+    if ident != FILE_IDENTIFIER:
+        raise FormatError(
+            f"file identifier is {ident!r}, expected {FILE_IDENTIFIER!r}: not a .escepe file",
+            field="file_identifier",
+            offset=4,
+        )
+    walker = _Walker(buf)
+    walker.table(walker._u32(0, "root"), "Model", "")
+
+
+# --------------------------------------------------------------------------- meaning
+
+
+def _fail(msg: str, field: str, offset: int | None = None):
+    raise FormatError(msg, field=field, offset=offset)
+
+
+def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode) -> int:
+    """torch's pooling output length (incl. the ceil_mode last-window rule)."""
+    eff = dilation * (kernel - 1) + 1
+    num = size + 2 * padding - eff
+    if num < 0:
+        return 0
+    out = (-(-num // stride) if ceil_mode else num // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _pairs(opts: dict, keys, field: str) -> list[tuple[int, int]]:
+    out = []
+    for k in keys:
+        v = opts.get(k, ())
+        if len(v) != 2:
+            _fail(f"{k} must have 2 entries, has {len(v)}", f"{field}.{k}")
+        out.append(tuple(v))
+    return out
+
+
+def infer_shape(node: NodeSpec, shapes: list[tuple], spec: ModelSpec, path: str) -> tuple:
+    """Per-sample output shape of `node` from its input shapes; FormatError if they don't fit."""
+    op = node.op
+    arity = {OpCode.ADD: 2}.get(op, 1)
+    if op == OpCode.CONCAT:
+        if len(shapes) < 1:
+            _fail("CONCAT needs at least one input", path + ".inputs")
+    elif len(shapes) != arity:
+        _fail(f"op needs {arity} input(s), has {len(shapes)}", path + ".inputs")
+    x = shapes[0]
+    if op == OpCode.CONV2D:
+        if len(x) != 3:
+            _fail(f"CONV2D input must be (C, H, W), is {x}", path + ".inputs")
+        opts = node.options.get("conv")
+        if opts is None:
+            _fail("CONV2D without conv options", path + ".conv")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pairs(
+            opts, ("kernel", "stride", "padding", "dilation"), path + ".conv"
+        )
+        groups = opts["groups"]
+        if min(kh, kw, sh, sw, dh, dw, groups) < 1:
+            _fail("kernel, stride, dilation and groups must be >= 1", path + ".conv")
+        w = _tensor(spec, node.weight, path + ".weight")
+        if len(w.shape) != 4 or w.shape[2:] != (kh, kw):
+            _fail(f"weight shape {w.shape} does not match kernel {(kh, kw)}", path + ".weight")
+        cout, cin_g = w.shape[0], w.shape[1]
+        if x[0] != cin_g * groups or cout % groups:
+            _fail(
+                f"weight {w.shape} with groups={groups} does not fit input channels {x[0]}",
+                path + ".weight",
+            )
+        ho = pool_output_size(x[1], kh, sh, ph, dh, False)
+        wo = pool_output_size(x[2], kw, sw, pw, dw, False)
+        if ho < 1 or wo < 1:
+            _fail(f"output would be empty for input {x}", path)
+        _channel_tensors(spec, node, cout, path)
+        return (cout, ho, wo)
+    if op == OpCode.LINEAR:
+        if len(x) != 1:
+            _fail(f"LINEAR input must be (F,), is {x}", path + ".inputs")
+        w = _tensor(spec, node.weight, path + ".weight")
+        if len(w.shape) != 2 or w.shape[1] != x[0]:
+            _fail(f"weight shape {w.shape} does not fit input features {x[0]}", path + ".weight")
+        _channel_tensors(spec, node, w.shape[0], path)
+        return (w.shape[0],)
+    if op == OpCode.AFFINE:
+        _channel_tensors(spec, node, x[0], path)
+        return x
+    if op == OpCode.ACTIVATION:
+        return x
+    if op in (OpCode.MAX_POOL2D, OpCode.AVG_POOL2D):
+        if len(x) != 3:
+            _fail(f"pooling input must be (C, H, W), is {x}", path + ".inputs")
+        opts = node.options.get("pool")
+        if opts is None:
+            _fail("pooling node without pool options", path + ".pool")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pairs(
+            opts, ("kernel", "stride", "padding", "dilation"), path + ".pool"
+        )
+        if min(kh, kw, sh, sw, dh, dw) < 1:
+            _fail("kernel, stride and dilation must be >= 1", path + ".pool")
+        if 2 * ph > kh or 2 * pw > kw:
+            _fail("padding must be at most half the kernel size", path + ".pool.padding")
+        if op == OpCode.AVG_POOL2D and (dh, dw) != (1, 1):
+            _fail("AVG_POOL2D has no dilation", path + ".pool.dilation")
+        ho = pool_output_size(x[1], kh, sh, ph, dh, opts["ceil_mode"])
+        wo = pool_output_size(x[2], kw, sw, pw, dw, opts["ceil_mode"])
+        if ho < 1 or wo < 1:
+            _fail(f"output would be empty for input {x}", path)
+        return (x[0], ho, wo)
+    if op == OpCode.ADAPTIVE_AVG_POOL2D:
+        if len(x) != 3:
+            _fail(f"pooling input must be (C, H, W), is {x}", path + ".inputs")
+        opts = node.options.get("adaptive_pool")
+        if opts is None:
+            _fail("ADAPTIVE_AVG_POOL2D without options", path + ".adaptive_pool")
+        ((oh, ow),) = _pairs(opts, ("output_size",), path + ".adaptive_pool")
+        if not (1 <= oh <= x[1] and 1 <= ow <= x[2]):
+            _fail(f"output size {(oh, ow)} does not fit input {x}", path + ".adaptive_pool")
+        return (x[0], oh, ow)
+    if op == OpCode.FLATTEN:
+        return (int(np.prod(x, dtype=np.int64)),)
+    if op == OpCode.ADD:
+        if shapes[0] != shapes[1]:
+            _fail(f"ADD of shapes {shapes[0]} and {shapes[1]}", path + ".inputs")
+        return x
+    if op == OpCode.CONCAT:
+        if any(len(s) != len(x) or s[1:] != x[1:] for s in shapes):
+            _fail(f"CONCAT of incompatible shapes {shapes}", path + ".inputs")
+        return (sum(s[0] for s in shapes),) + tuple(x[1:])
+    _fail(f"unknown op code {op}; this reader knows 0..{max(_OP_NAMES)}", path + ".op")
+
+
+_OP_NAMES = {v: k for k, v in vars(OpCode).items() if not k.startswith("_")}
+_WEIGHTED = (OpCode.CONV2D, OpCode.LINEAR)
+
+
+def _tensor(spec: ModelSpec, index: int, path: str):
+    if not 0 <= index < len(spec.tensors):
+        _fail(f"tensor index {index} out of range (0..{len(spec.tensors) - 1})", path)
+    return spec.tensors[index]
+
+
+def _channel_tensors(spec: ModelSpec, node: NodeSpec, channels: int, path: str) -> None:
+    for name, idx in (("scale", node.scale), ("shift", node.shift)):
+        if idx == -1:
+            continue
+        t = _tensor(spec, idx, f"{path}.{name}")
+        if t.encoding != Encoding.RAW_F32 or t.count != channels:
+            _fail(f"must be {channels} raw float32 values, is {t.shape}", f"{path}.{name}")
+
+
+def check_model(buf, spec: ModelSpec) -> None:
+    """Semantic checks; raise FormatError on the first problem."""
+    major, minor = spec.schema_version
+    if major != SCHEMA_MAJOR:
+        _fail(
+            f"schema version {major}.{minor} is not supported; this reader reads "
+            f"{SCHEMA_MAJOR}.x files (upgrade escepe_rt for newer ones)",
+            "schema_major",
+        )
+    _check_checksum(buf, spec)
+    _check_tensors(buf, spec)
+    _check_graph(spec)
+
+
+def _check_checksum(buf, spec: ModelSpec) -> None:
+    pos = checksum_position(buf)
+    if pos is None:
+        _fail("checksum is missing", "checksum_crc32")
+    crc = zlib.crc32(buf[:pos])
+    crc = zlib.crc32(b"\0\0\0\0", crc)
+    crc = zlib.crc32(buf[pos + 4 :], crc)
+    if crc != spec.checksum:
+        _fail(
+            f"CRC-32 mismatch: file says {spec.checksum:08x}, contents give {crc:08x} "
+            "(corrupt or truncated file)",
+            "checksum_crc32",
+            pos,
+        )
+
+
+def _check_tensors(buf, spec: ModelSpec) -> None:
+    for c, (section, cents) in enumerate(spec.codebooks):
+        if len(cents) < 1 or len(cents) > 256:
+            _fail(f"codebook has {len(cents)} centroids; 1..256 allowed", f"codebooks[{c}]")
+        if not np.all(np.isfinite(cents)):
+            _fail("centroids must be finite", f"codebooks[{c}].centroids")
+        if section >= max(len(spec.sections), 1):
+            _fail(f"section {section} does not exist", f"codebooks[{c}].section")
+    for i, t in enumerate(spec.tensors):
+        path = f"tensors[{i}]"
+        info = ENCODINGS.get(t.encoding)
+        if info is None:
+            _fail(
+                f"unknown encoding {t.encoding}; this reader knows {sorted(ENCODINGS)}",
+                path + ".encoding",
+            )
+        if not t.shape or min(t.shape) < 1:
+            _fail(f"shape {t.shape} must be non-empty with positive dims", path + ".shape")
+        if t.count > MAX_VALUE_ELEMENTS * 4:
+            _fail(f"{t.count} elements is over the format's limit", path + ".shape")
+        if not 0 <= t.buffer < len(spec.buffers):
+            _fail(f"buffer index {t.buffer} out of range", path + ".buffer")
+        if not info.min_bits <= t.bits <= info.max_bits:
+            _fail(
+                f"bits={t.bits}; {info.name} needs {info.min_bits}..{info.max_bits}", path + ".bits"
+            )
+        offset, length = spec.buffers[t.buffer]
+        want = info.nbytes(t.count, t.bits)
+        if length != want:
+            _fail(
+                f"buffer {t.buffer} has {length} bytes; shape {t.shape} at {info.name}"
+                f"{'' if not t.bits else f' {t.bits} bits'} needs {want}",
+                path,
+                offset,
+            )
+        if info.uses_codebook:
+            if not 0 <= t.codebook < len(spec.codebooks):
+                _fail(f"codebook index {t.codebook} out of range", path + ".codebook")
+            k = len(spec.codebooks[t.codebook][1])
+            top = decode.max_index(buffer_bytes(buf, spec, t.buffer), t.bits, t.count)
+            if top >= k:
+                _fail(f"index {top} >= codebook size {k}", path, offset)
+        else:
+            data = np.frombuffer(buf, dtype="<f4", count=t.count, offset=offset)
+            if not np.all(np.isfinite(data)):
+                _fail("raw float32 tensor holds NaN or inf", path, offset)
+
+
+def _check_graph(spec: ModelSpec) -> None:
+    values, nodes = spec.values, spec.nodes
+    if not values:
+        _fail("graph has no values", "values")
+    if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
+        _fail(f"input shape must be (C, H, W) > 0, is {spec.input_shape}", "input.shape")
+    if values[0].shape != spec.input_shape:
+        _fail(f"value 0 {values[0].shape} is not the input {spec.input_shape}", "values[0].shape")
+    c = spec.input_shape[0]
+    for name, vec in (("mean", spec.input_mean), ("std", spec.input_std)):
+        if vec and len(vec) != c:
+            _fail(f"has {len(vec)} entries for {c} channels", f"input.{name}")
+        if not all(math.isfinite(v) for v in vec):
+            _fail("must be finite", f"input.{name}")
+    if any(v <= 0 for v in spec.input_std):
+        _fail("must be > 0", "input.std")
+    for j, v in enumerate(values):
+        if not 1 <= len(v.shape) <= 3 or min(v.shape) < 1:
+            _fail(f"shape {v.shape} must have 1..3 positive dims", f"values[{j}].shape")
+        if int(np.prod(v.shape, dtype=np.int64)) > MAX_VALUE_ELEMENTS:
+            _fail(f"{v.shape} is over the per-sample limit", f"values[{j}].shape")
+    if not spec.sections:
+        _fail("model has no sections", "sections")
+    if len(spec.exits) != len(spec.sections):
+        _fail(f"{len(spec.exits)} exits for {len(spec.sections)} sections", "exits")
+    expected_begin = 0
+    for s, (begin, end) in enumerate(spec.sections):
+        if begin != expected_begin or end < begin or end > len(nodes):
+            _fail(
+                f"node range [{begin}, {end}) must start at {expected_begin} and lie "
+                f"within {len(nodes)} nodes",
+                f"sections[{s}]",
+            )
+        expected_begin = end
+    if expected_begin != len(nodes):
+        _fail(f"sections cover {expected_begin} of {len(nodes)} nodes", "sections")
+
+    produced_in = {0: -1}  # value -> section that produced it (input: before all)
+    for i, node in enumerate(nodes):
+        path = f"nodes[{i}]"
+        begin, end = spec.sections[min(node.section, len(spec.sections) - 1)]
+        if node.section >= len(spec.sections) or not begin <= i < end:
+            _fail(f"section {node.section} does not contain node {i}", path + ".section")
+        if node.activation not in (Activation.NONE, Activation.RELU, Activation.RELU6):
+            _fail(f"unknown activation {node.activation}", path + ".activation")
+        if node.op in _WEIGHTED:
+            if node.weight < 0:
+                _fail("op needs a weight tensor", path + ".weight")
+        elif node.weight != -1:
+            _fail("op takes no weight tensor", path + ".weight")
+        for k, v in enumerate(node.inputs):
+            if v not in produced_in:
+                _fail(f"value {v} is not produced before this node", f"{path}.inputs[{k}]")
+        if not 0 < node.output < len(values) or node.output in produced_in:
+            _fail(f"output value {node.output} is out of range or produced twice", path + ".output")
+        shape = infer_shape(node, [values[v].shape for v in node.inputs], spec, path)
+        if shape != values[node.output].shape:
+            _fail(
+                f"op gives shape {shape}, value {node.output} declares {values[node.output].shape}",
+                path + ".output",
+            )
+        produced_in[node.output] = node.section
+
+    classes = None
+    for e, ex in enumerate(spec.exits):
+        path = f"exits[{e}]"
+        if ex.logits not in produced_in or produced_in[ex.logits] > e or ex.logits == 0:
+            _fail(f"logits value {ex.logits} is not produced by section {e} or earlier", path)
+        shape = values[ex.logits].shape
+        if len(shape) != 1 or (classes is not None and shape[0] != classes):
+            _fail(f"logits shape {shape}; every exit must give ({classes or 'K'},)", path)
+        classes = shape[0]
+        if math.isnan(ex.threshold):
+            _fail("threshold is NaN", path + ".threshold")
+    if spec.labels and len(spec.labels) != classes:
+        _fail(f"{len(spec.labels)} labels for {classes} classes", "labels")
+    if spec.exit_policy not in (ExitPolicy.MAX_SOFTMAX, ExitPolicy.ENTROPY):
+        _fail(f"unknown exit policy {spec.exit_policy}", "exit_policy")
