@@ -133,3 +133,62 @@ def cluster_sections(
                 p.copy_(values.to(p.dtype))
         books.append(book)
     return books
+
+
+# ---------------------------------------------------------------------------- KD retraining
+
+
+class ClusteredWeight(nn.Module):
+    """Parametrisation weight = centroids[indices]: indices fixed, centroids trainable.
+
+    The centroids Parameter is shared by every layer of the section, so its
+    gradient is the sum over all weights assigned to each centroid.
+    """
+
+    def __init__(self, indices: torch.Tensor, centroids: nn.Parameter):
+        super().__init__()
+        self.register_buffer("indices", indices.long())
+        self.centroids = centroids
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.centroids[self.indices]
+
+
+def attach_codebook(model: nn.Module, graph: Graph, section: int, k: int,
+                    seed: int = 0) -> nn.Parameter:
+    """Cluster one section's weights and make its centroids the trainable parameters."""
+    from torch.nn.utils import parametrize
+
+    params = section_parameters(graph, model)[section]
+    book = codebook_for(section, params, k, seed=seed)
+    centroids = nn.Parameter(torch.from_numpy(book.centroids.copy()))
+    modules = dict(model.named_modules())
+    for name, _ in params:
+        mod = modules[name.rsplit(".", 1)[0]]
+        idx = torch.from_numpy(book.indices[name].astype(np.int64))
+        parametrize.register_parametrization(mod, "weight", ClusteredWeight(idx, centroids),
+                                             unsafe=True)
+        mod.parametrizations.weight.original.requires_grad_(False)
+    return centroids
+
+
+def bake_codebooks(model: nn.Module) -> None:
+    """Replace every ClusteredWeight parametrisation by its current centroid values."""
+    from torch.nn.utils import parametrize
+
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod, "weight"):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            mod.weight.requires_grad_(True)
+
+
+def trainable_after_clustering(model: nn.Module, centroids: list[nn.Parameter]) -> list:
+    """Centroids of clustered sections + every parameter that is not a clustered weight."""
+    frozen = {id(m.parametrizations.weight.original) for m in model.modules()
+              if hasattr(m, "parametrizations") and "weight" in m.parametrizations}
+    seen, out = set(), []
+    for p in list(centroids) + list(model.parameters()):
+        if id(p) not in frozen and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

@@ -175,6 +175,9 @@ class _Writer:
 
     def __init__(self, size_hint: int):
         self.b = flatbuffers.Builder(max(1024, size_hint))
+        # Write every scalar, defaults included, so tools can patch fields in
+        # place (escepe calibrate rewrites exit thresholds without re-export).
+        self.b.ForceDefaults(True)
         self.tensors: list[int] = []  # finished Tensor offsets
         self.buffers: list[int] = []  # finished Buffer offsets
 
