@@ -4,8 +4,8 @@ Activations are NHWC (or (N, F) for 2-D) so that the channel vector of one pixel
 im2col can then copy whole channel runs per kernel tap, and the per-channel epilogue
 (folded batch-norm scale/shift + activation) and depthwise/pooling loops vectorise over the
 innermost axis. Convolutions become one big (N*Ho*Wo, kh*kw*Cin) x (kh*kw*Cin, Cout) sgemm per
-group, which hands the heavy arithmetic to numpy's BLAS; everything around it (im2col,
-epilogues, depthwise, pooling) is written in numba, row-parallel and deterministic.
+group, which hands the heavy arithmetic to numpy's (multi-threaded) BLAS; everything around it
+(im2col, epilogues, depthwise, pooling) is plain deterministic numba loops (see _PARALLEL).
 """
 
 from __future__ import annotations
@@ -46,8 +46,15 @@ _ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
 _F32 = np.float32
 _EMPTY = np.empty(0, dtype=_F32)
 
+# Row-parallel kernels are written with prange but compiled serially. Measured on a 2-core
+# box: numpy's OpenBLAS already runs sgemm on every core, and numba's default OpenMP pool
+# spin-waits after each parallel region, so alternating sgemm and parallel numba kernels made a
+# 3x3 conv ~6x slower (13 ms vs 2 ms); the serial kernels lose little because they are
+# memory-bound. Flip this only together with OMP_WAIT_POLICY=PASSIVE (or single-threaded BLAS).
+_PARALLEL = False
+
 _jit = numba.njit(cache=True, fastmath=False)
-_pjit = numba.njit(cache=True, fastmath=False, parallel=True)
+_pjit = numba.njit(cache=True, fastmath=False, parallel=_PARALLEL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,24 +111,24 @@ def _act1(v, act):
 
 
 @_pjit
-def _epilogue2d(src, dst, col0, scale, shift, has_scale, has_shift, act):
-    """dst[:, col0:col0+C] = act(src * scale + shift); src may be dst itself (col0 == 0)."""
+def _epilogue2d(src, dst, scale, shift, has_scale, has_shift, act):
+    """dst = act(src * scale + shift) per column; src may be dst itself (in place)."""
     m, c = src.shape
     for i in prange(m):
         s = src[i]
         d = dst[i]
         if has_scale and has_shift:
             for j in range(c):
-                d[col0 + j] = _act1(s[j] * scale[j] + shift[j], act)
+                d[j] = _act1(s[j] * scale[j] + shift[j], act)
         elif has_scale:
             for j in range(c):
-                d[col0 + j] = _act1(s[j] * scale[j], act)
+                d[j] = _act1(s[j] * scale[j], act)
         elif has_shift:
             for j in range(c):
-                d[col0 + j] = _act1(s[j] + shift[j], act)
+                d[j] = _act1(s[j] + shift[j], act)
         else:
             for j in range(c):
-                d[col0 + j] = _act1(s[j], act)
+                d[j] = _act1(s[j], act)
 
 
 @_jit
@@ -137,26 +144,58 @@ def _add1d(a, b, out, act):
 
 
 @_pjit
-def _im2col(x, cols, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
-    """cols[(n*ho+oy)*wo+ox, (ky*kw+kx)*cg + c] = x[n, iy, ix, c0 + c] (0 outside)."""
-    n_, h, w, _ = x.shape
+def _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo):
+    """cols[g, (n*ho+oy)*wo+ox, (ky*kw+kx)*cg + c] = x[n, iy, ix, g*cg + c] (0 outside),
+    with G = cols.shape[0] groups of cg = C // G channels each."""
+    n_, h, w, cin = x.shape
+    groups = cols.shape[0]
+    cg = cin // groups
     for r in prange(n_ * ho):
         n = r // ho
         oy = r - n * ho
         for ox in range(wo):
-            row = cols[r * wo + ox]
+            row = r * wo + ox
             for ky in range(kh):
                 iy = oy * sh - ph + ky * dh
+                yok = iy >= 0 and iy < h
                 for kx in range(kw):
                     ix = ox * sw - pw + kx * dw
                     k0 = (ky * kw + kx) * cg
-                    if iy >= 0 and iy < h and ix >= 0 and ix < w:
+                    if yok and ix >= 0 and ix < w:
                         px = x[n, iy, ix]
-                        for c in range(cg):
-                            row[k0 + c] = px[c0 + c]
+                        for g in range(groups):
+                            dst = cols[g, row]
+                            c0 = g * cg
+                            for c in range(cg):
+                                dst[k0 + c] = px[c0 + c]
                     else:
-                        for c in range(cg):
-                            row[k0 + c] = 0.0
+                        for g in range(groups):
+                            dst = cols[g, row]
+                            for c in range(cg):
+                                dst[k0 + c] = 0.0
+
+
+@_pjit
+def _epilogue_grouped(src, dst, scale, shift, has_scale, has_shift, act):
+    """dst[i, g*Cg + j] = act(src[g, i, j] * scale + shift): (G, M, Cg) -> (M, G*Cg)."""
+    groups, m, cg = src.shape
+    for i in prange(m):
+        d = dst[i]
+        for g in range(groups):
+            s = src[g, i]
+            o = g * cg
+            if has_scale and has_shift:
+                for j in range(cg):
+                    d[o + j] = _act1(s[j] * scale[o + j] + shift[o + j], act)
+            elif has_scale:
+                for j in range(cg):
+                    d[o + j] = _act1(s[j] * scale[o + j], act)
+            elif has_shift:
+                for j in range(cg):
+                    d[o + j] = _act1(s[j] + shift[o + j], act)
+            else:
+                for j in range(cg):
+                    d[o + j] = _act1(s[j], act)
 
 
 @_pjit
@@ -391,36 +430,24 @@ def conv2d(
     m = n * ho * wo
     out2d = out.reshape(m, cout)
     need_epi = has_sc or has_sf or act != ACT_NONE
-    if w.groups == 1:
-        if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
-            np.dot(x.reshape(m, c), w.gemm[0], out=out2d)  # pointwise: no im2col at all
-        else:
-            cols = np.empty((m, kh * kw * c), dtype=_F32)
-            _im2col(x, cols, 0, c, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-            np.dot(cols, w.gemm[0], out=out2d)
+    pointwise = kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
+    if w.groups == 1 and pointwise:
+        np.dot(x.reshape(m, c), w.gemm[0], out=out2d)  # pointwise: no im2col at all
         if need_epi:
-            _epilogue2d(out2d, out2d, 0, sc, sf, has_sc, has_sf, act)
+            _epilogue2d(out2d, out2d, sc, sf, has_sc, has_sf, act)
         return out
 
     g = w.groups
-    cin_g = c // g
-    cout_g = cout // g
-    cols = np.empty((m, kh * kw * cin_g), dtype=_F32)
-    tmp = np.empty((m, cout_g), dtype=_F32)
-    for gi in range(g):
-        _im2col(x, cols, gi * cin_g, cin_g, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-        np.dot(cols, w.gemm[gi], out=tmp)
-        lo = gi * cout_g
-        _epilogue2d(
-            tmp,
-            out2d,
-            lo,
-            sc[lo : lo + cout_g] if has_sc else sc,
-            sf[lo : lo + cout_g] if has_sf else sf,
-            has_sc,
-            has_sf,
-            act,
-        )
+    cols = np.empty((g, m, kh * kw * (c // g)), dtype=_F32)
+    _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    if g == 1:
+        np.dot(cols[0], w.gemm[0], out=out2d)
+        if need_epi:
+            _epilogue2d(out2d, out2d, sc, sf, has_sc, has_sf, act)
+        return out
+    # one sgemm per group (numpy's matmul loops BLAS over the stacked groups)
+    tmp = np.matmul(cols, w.gemm)
+    _epilogue_grouped(tmp, out2d, sc, sf, has_sc, has_sf, act)
     return out
 
 
@@ -450,7 +477,7 @@ def linear(x: np.ndarray, w_prepared, scale, shift, activation: int) -> np.ndarr
     out = np.empty((x.shape[0], o), dtype=_F32)
     np.dot(x, w, out=out)
     if has_sc or has_sf or act != ACT_NONE:
-        _epilogue2d(out, out, 0, sc, sf, has_sc, has_sf, act)
+        _epilogue2d(out, out, sc, sf, has_sc, has_sf, act)
     return out
 
 
@@ -463,7 +490,7 @@ def affine(x: np.ndarray, scale, shift, activation: int) -> np.ndarray:
     sf, has_sf = _vec(shift, c, "shift")
     out = np.empty(x.shape, dtype=_F32)
     src = x.reshape(-1, c)
-    _epilogue2d(src, out.reshape(-1, c), 0, sc, sf, has_sc, has_sf, act)
+    _epilogue2d(src, out.reshape(-1, c), sc, sf, has_sc, has_sf, act)
     return out
 
 

@@ -1,0 +1,468 @@
+"""Differential tests of escepe_rt.kernels against torch.nn.functional (NCHW reference)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from escepe_rt import kernels as K  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _seeded(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def nhwc_to_nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def torch_act(t: torch.Tensor, act: int) -> torch.Tensor:
+    if act == K.ACT_RELU:
+        return F.relu(t)
+    if act == K.ACT_RELU6:
+        return F.relu6(t)
+    return t
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray, tol: float = 1e-4) -> None:
+    ref = np.asarray(ref)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert got.dtype == np.float32
+    assert np.isfinite(got).all() == np.isfinite(ref).all()
+    scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
+    err = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
+    assert err <= tol * scale, f"max abs err {err:.3g} > {tol * scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# conv2d
+# ----------------------------------------------------------------------------------------------
+
+SPATIAL = [(7, 9), (28, 28), (32, 32), (9, 7)]
+GROUPINGS = ["1", "2", "dw", "dw2"]
+ACTS = [K.ACT_NONE, K.ACT_RELU, K.ACT_RELU6]
+EPILOGUES = ["none", "bias", "bn", "bias+bn"]
+
+
+def _conv_ok(hw, k, s, p, d) -> bool:
+    return all(
+        (n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 >= 1 for n, kk, ss, pp, dd in zip(hw, k, s, p, d)
+    )
+
+
+def _geometry_cases():
+    """Every kernel x stride x padding x dilation x grouping; epilogue, activation, batch and
+    spatial size cycle through with co-prime periods so they are not tied to one geometry."""
+    cases = []
+    kernels = [(1, 1), (3, 3), (5, 5), (7, 7), (1, 3), (3, 1)]
+    paddings = [(0, 0), (1, 1), (2, 2), (0, 1)]
+    grid = itertools.product(kernels, [1, 2], paddings, [1, 2], GROUPINGS)
+    for i, (k, s, p, d, g) in enumerate(grid):
+        stride, dil = (s, s), (d, d)
+        epi, act = EPILOGUES[(i // 3) % 4], ACTS[i % 3]
+        n = 7 if i % 5 == 0 else 1
+        hw = SPATIAL[(i // 7) % len(SPATIAL)]
+        if n == 7:
+            hw = (7, 9) if i % 2 else (9, 7)
+        if not _conv_ok(hw, k, stride, p, dil):
+            hw = (28, 28) if n == 1 else (15, 13)
+        cases.append(
+            pytest.param(
+                n,
+                hw,
+                k,
+                stride,
+                p,
+                dil,
+                g,
+                epi,
+                act,
+                id=f"k{k[0]}x{k[1]}-s{s}-p{p[0]}{p[1]}-d{d}-{g}-n{n}-{hw[0]}x{hw[1]}-{epi}-a{act}",
+            )
+        )
+    return cases
+
+
+def _feature_cases():
+    """Every grouping x epilogue x activation x batch, on a few geometries."""
+    cases = []
+    geoms = [
+        ((3, 3), (1, 1), (1, 1), (1, 1)),
+        ((3, 3), (2, 2), (1, 1), (1, 1)),
+        ((1, 1), (1, 1), (0, 0), (1, 1)),
+        ((5, 5), (1, 1), (2, 2), (2, 2)),
+    ]
+    for i, (g, epi, act, n) in enumerate(itertools.product(GROUPINGS, EPILOGUES, ACTS, [1, 7])):
+        k, s, p, d = geoms[(i + i // 6) % len(geoms)]
+        hw = (7, 9) if n == 7 else SPATIAL[i % len(SPATIAL)]
+        cases.append(
+            pytest.param(n, hw, k, s, p, d, g, epi, act, id=f"{g}-{epi}-a{act}-n{n}-k{k[0]}")
+        )
+    return cases
+
+
+def _run_conv_case(n, hw, k, stride, padding, dilation, grouping, epi, act, cin=4, seed=0):
+    rng = _seeded(seed)
+    if grouping == "1":
+        groups, cout = 1, 6
+    elif grouping == "2":
+        groups, cout = 2, 6
+    elif grouping == "dw":
+        groups, cout = cin, cin
+    else:  # depthwise with channel multiplier 2
+        groups, cout = cin, 2 * cin
+    x = rng.standard_normal((n, *hw, cin), dtype=np.float32)
+    w = rng.standard_normal((cout, cin // groups, *k), dtype=np.float32) * 0.5
+    bias = rng.standard_normal(cout, dtype=np.float32) if "bias" in epi else None
+
+    ref = F.conv2d(
+        nhwc_to_nchw(x),
+        torch.from_numpy(w),
+        None if bias is None else torch.from_numpy(bias),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    scale = shift = None
+    if "bn" in epi:
+        gamma = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+        beta = rng.standard_normal(cout, dtype=np.float32)
+        mean = rng.standard_normal(cout, dtype=np.float32)
+        var = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+        eps = 1e-5
+        ref = F.batch_norm(
+            ref,
+            torch.from_numpy(mean),
+            torch.from_numpy(var),
+            torch.from_numpy(gamma),
+            torch.from_numpy(beta),
+            False,
+            0.0,
+            eps,
+        )
+        scale = (gamma / np.sqrt(var + eps)).astype(np.float32)
+        shift = (beta - mean * scale).astype(np.float32)
+        if bias is not None:
+            shift = (shift + bias * scale).astype(np.float32)
+    elif bias is not None:
+        shift = bias
+    ref = nchw_to_nhwc(torch_act(ref, act))
+
+    cw = K.prepare_conv_weight(w, groups)
+    assert (cw.Cout, cw.Cin, cw.kh, cw.kw, cw.groups) == (cout, cin, k[0], k[1], groups)
+    got = K.conv2d(x, cw, scale, shift, stride, padding, dilation, act)
+    assert_close(got, ref)
+
+
+@pytest.mark.parametrize(
+    "n,hw,k,stride,padding,dilation,grouping,epi,act", _geometry_cases() + _feature_cases()
+)
+def test_conv2d(n, hw, k, stride, padding, dilation, grouping, epi, act):
+    _run_conv_case(n, hw, k, stride, padding, dilation, grouping, epi, act)
+
+
+@pytest.mark.parametrize(
+    "cin,cout,groups,k,stride,padding,dilation",
+    [
+        (3, 16, 1, (3, 3), (2, 2), (1, 1), (1, 1)),  # stem conv, RGB input
+        (8, 16, 4, (3, 3), (1, 1), (1, 1), (1, 1)),  # ResNeXt-style grouped conv
+        (8, 8, 4, (1, 1), (1, 1), (0, 0), (1, 1)),  # grouped pointwise (ShuffleNet)
+        (16, 8, 1, (1, 1), (1, 1), (0, 0), (1, 1)),  # pointwise fast path
+        (8, 12, 1, (1, 1), (2, 2), (0, 0), (1, 1)),  # strided pointwise (ResNet downsample)
+        (8, 24, 8, (3, 3), (2, 2), (1, 1), (1, 1)),  # depthwise multiplier 3, strided
+        (1, 4, 1, (3, 3), (1, 1), (1, 1), (1, 1)),  # single input channel
+        (6, 6, 6, (3, 5), (1, 2), (1, 2), (2, 1)),  # depthwise, non-square everything
+        (6, 12, 6, (5, 3), (2, 1), (2, 0), (1, 3)),  # depthwise x2, non-square everything
+        (4, 6, 1, (3, 5), (1, 2), (2, 1), (2, 1)),  # general, non-square everything
+        (4, 6, 2, (5, 3), (2, 1), (0, 2), (1, 2)),  # grouped, non-square everything
+    ],
+)
+def test_conv2d_shapes(cin, cout, groups, k, stride, padding, dilation):
+    rng = _seeded(cin * 100 + cout + groups + k[0] * k[1])
+    x = rng.standard_normal((2, 11, 13, cin), dtype=np.float32)
+    w = rng.standard_normal((cout, cin // groups, *k), dtype=np.float32)
+    b = rng.standard_normal(cout, dtype=np.float32)
+    ref = F.conv2d(
+        nhwc_to_nchw(x),
+        torch.from_numpy(w),
+        torch.from_numpy(b),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    cw = K.prepare_conv_weight(w, groups)
+    got = K.conv2d(x, cw, None, b, stride, padding, dilation, K.ACT_NONE)
+    assert_close(got, nchw_to_nhwc(ref))
+
+
+def test_conv2d_non_contiguous_input_and_reuse():
+    rng = _seeded(3)
+    x = rng.standard_normal((2, 4, 9, 10), dtype=np.float32).transpose(0, 2, 3, 1)  # NHWC view
+    w = rng.standard_normal((5, 4, 3, 3), dtype=np.float32)
+    cw = K.prepare_conv_weight(w, 1)
+    ref = nchw_to_nhwc(F.conv2d(nhwc_to_nchw(x), torch.from_numpy(w), padding=1))
+    for _ in range(2):
+        out = K.conv2d(x, cw, None, None, (1, 1), (1, 1), (1, 1), K.ACT_NONE)
+        assert out.flags.c_contiguous
+        assert_close(out, ref)
+
+
+def test_conv2d_rejects_bad_input():
+    cw = K.prepare_conv_weight(np.ones((4, 3, 3, 3), np.float32), 1)
+    with pytest.raises(ValueError):
+        K.conv2d(np.ones((1, 5, 5, 2), np.float32), cw, None, None, (1, 1), (0, 0), (1, 1), 0)
+    with pytest.raises(ValueError):
+        K.conv2d(np.ones((1, 2, 2, 3), np.float32), cw, None, None, (1, 1), (0, 0), (1, 1), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear / affine / activate / add / concat
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("act", ACTS)
+def test_linear(n, bias, bn, act):
+    rng = _seeded(n * 10 + bias * 2 + bn + 100 * act)
+    fi, fo = 37, 11
+    x = rng.standard_normal((n, fi), dtype=np.float32)
+    w = rng.standard_normal((fo, fi), dtype=np.float32)
+    b = rng.standard_normal(fo, dtype=np.float32) if bias else None
+    ref = F.linear(
+        torch.from_numpy(x), torch.from_numpy(w), None if b is None else torch.from_numpy(b)
+    )
+    scale, shift = None, b
+    if bn:
+        scale = rng.uniform(0.5, 2.0, fo).astype(np.float32)
+        beta = rng.standard_normal(fo, dtype=np.float32)
+        ref = ref * torch.from_numpy(scale) + torch.from_numpy(beta)
+        shift = beta if b is None else (b * scale + beta).astype(np.float32)
+    ref = torch_act(ref, act).numpy()
+    wp = K.prepare_linear_weight(w)
+    assert wp.shape == (fi, fo) and wp.flags.c_contiguous
+    assert_close(K.linear(x, wp, scale, shift, act), ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9, 5), (4, 13)])
+@pytest.mark.parametrize("which", ["both", "scale", "shift", "neither"])
+@pytest.mark.parametrize("act", ACTS)
+def test_affine_matches_batch_norm(shape, which, act):
+    rng = _seeded(len(shape) * 7 + act + len(which))
+    c = shape[-1]
+    x = rng.standard_normal(shape, dtype=np.float32) * 4
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    beta = rng.standard_normal(c, dtype=np.float32)
+    mean = rng.standard_normal(c, dtype=np.float32)
+    var = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    scale = (gamma / np.sqrt(var + 1e-5)).astype(np.float32)
+    shift = (beta - mean * scale).astype(np.float32)
+    xt = nhwc_to_nchw(x) if x.ndim == 4 else torch.from_numpy(x)
+    if which == "both":
+        ref = F.batch_norm(
+            xt,
+            torch.from_numpy(mean),
+            torch.from_numpy(var),
+            torch.from_numpy(gamma),
+            torch.from_numpy(beta),
+            False,
+            0.0,
+            1e-5,
+        )
+        s, t = scale, shift
+    else:
+        s = scale if which == "scale" else None
+        t = shift if which == "shift" else None
+        bshape = (1, c, 1, 1) if x.ndim == 4 else (1, c)
+        ref = xt
+        if s is not None:
+            ref = ref * torch.from_numpy(s).reshape(bshape)
+        if t is not None:
+            ref = ref + torch.from_numpy(t).reshape(bshape)
+    ref = torch_act(ref, act)
+    ref = nchw_to_nhwc(ref) if x.ndim == 4 else ref.numpy()
+    assert_close(K.affine(x, s, t, act), ref)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activate_and_add(act):
+    rng = _seeded(act)
+    a = rng.standard_normal((2, 5, 7, 3), dtype=np.float32) * 8
+    b = rng.standard_normal((2, 5, 7, 3), dtype=np.float32) * 8
+    assert_close(K.activate(a, act), torch_act(torch.from_numpy(a), act).numpy(), tol=0)
+    assert_close(
+        K.add(a, b, act), torch_act(torch.from_numpy(a) + torch.from_numpy(b), act).numpy(), tol=0
+    )
+    a2, b2 = a.reshape(10, -1), b.reshape(10, -1)
+    assert_close(K.add(a2, b2, act), torch_act(torch.from_numpy(a2 + b2), act).numpy(), tol=0)
+    with pytest.raises(ValueError):
+        K.add(a, b[:1], act)
+
+
+def test_concat_channels():
+    rng = _seeded(11)
+    xs = [rng.standard_normal((2, 5, 7, c), dtype=np.float32) for c in (3, 1, 4)]
+    ref = torch.cat([nhwc_to_nchw(t) for t in xs], dim=1)
+    assert_close(K.concat_channels(xs), nchw_to_nhwc(ref), tol=0)
+    fs = [rng.standard_normal((3, f), dtype=np.float32) for f in (2, 5)]
+    assert_close(
+        K.concat_channels(fs), torch.cat([torch.from_numpy(t) for t in fs], 1).numpy(), tol=0
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling
+# ----------------------------------------------------------------------------------------------
+
+POOL_CASES = [
+    (k, s, p, ceil) for k, s, p, ceil in itertools.product([2, 3], [1, 2], [0, 1], [False, True])
+]
+POOL_SIZES = [(7, 9), (6, 6), (5, 8)]
+
+
+@pytest.mark.parametrize("k,s,p,ceil", POOL_CASES)
+@pytest.mark.parametrize("dil", [1, 2])
+def test_max_pool2d(k, s, p, ceil, dil):
+    rng = _seeded(k * 1000 + s * 100 + p * 10 + ceil + 7 * dil)
+    for h, w in POOL_SIZES:
+        x = rng.standard_normal((2, h, w, 3), dtype=np.float32)
+        ref = F.max_pool2d(nhwc_to_nchw(x), k, s, p, dil, ceil_mode=ceil)
+        got = K.max_pool2d(x, (k, k), (s, s), (p, p), (dil, dil), ceil)
+        assert_close(got, nchw_to_nhwc(ref), tol=0)
+
+
+def test_max_pool2d_non_square_and_all_negative():
+    x = -np.abs(_seeded(5).standard_normal((1, 7, 10, 4), dtype=np.float32)) - 1
+    ref = F.max_pool2d(nhwc_to_nchw(x), (3, 2), (2, 3), (1, 1), (1, 2), ceil_mode=True)
+    got = K.max_pool2d(x, (3, 2), (2, 3), (1, 1), (1, 2), True)
+    assert_close(got, nchw_to_nhwc(ref), tol=0)  # padding must act as -inf, not 0
+
+
+@pytest.mark.parametrize("k,s,p,ceil", POOL_CASES)
+@pytest.mark.parametrize("cip", [False, True])
+@pytest.mark.parametrize("div", [None, 3])
+def test_avg_pool2d(k, s, p, ceil, cip, div):
+    rng = _seeded(k * 1000 + s * 100 + p * 10 + ceil + 3 * cip + (div or 0))
+    for h, w in POOL_SIZES:
+        x = rng.standard_normal((2, h, w, 3), dtype=np.float32)
+        ref = F.avg_pool2d(
+            nhwc_to_nchw(x), k, s, p, ceil_mode=ceil, count_include_pad=cip, divisor_override=div
+        )
+        got = K.avg_pool2d(x, (k, k), (s, s), (p, p), ceil, cip, div)
+        assert_close(got, nchw_to_nhwc(ref), tol=1e-5)
+
+
+def test_avg_pool2d_non_square():
+    x = _seeded(6).standard_normal((3, 9, 11, 2), dtype=np.float32)
+    for ceil, cip in itertools.product([False, True], [False, True]):
+        ref = F.avg_pool2d(
+            nhwc_to_nchw(x), (3, 2), (2, 3), (1, 1), ceil_mode=ceil, count_include_pad=cip
+        )
+        got = K.avg_pool2d(x, (3, 2), (2, 3), (1, 1), ceil, cip, None)
+        assert_close(got, nchw_to_nhwc(ref), tol=1e-5)
+
+
+@pytest.mark.parametrize("out_size", [(1, 1), (2, 2), (3, 3), (5, 7), (7, 5)])
+@pytest.mark.parametrize("hw", [(7, 9), (10, 13), (5, 7), (1, 1)])
+def test_adaptive_avg_pool2d(out_size, hw):
+    x = _seeded(hw[0] * 31 + hw[1]).standard_normal((2, *hw, 3), dtype=np.float32)
+    ref = F.adaptive_avg_pool2d(nhwc_to_nchw(x), out_size)
+    assert_close(K.adaptive_avg_pool2d(x, out_size), nchw_to_nhwc(ref), tol=1e-5)
+
+
+def test_pool_output_size_matches_torch():
+    """Shape formula incl. ceil_mode's 'last window starts inside input or left padding' rule."""
+    checked = 0
+    for n, k, s, p, d, ceil in itertools.product(
+        range(1, 12), [1, 2, 3, 4], [1, 2, 3], [0, 1, 2], [1, 2], [False, True]
+    ):
+        if p > k // 2:
+            continue
+        expect = K.pool_output_size(n, k, s, p, d, ceil)
+        x = torch.zeros(1, 1, n, 1)
+        try:
+            got = F.max_pool2d(x, (k, 1), (s, 1), (p, 0), (d, 1), ceil_mode=ceil).shape[2]
+        except RuntimeError:
+            assert expect < 1
+            continue
+        assert got == expect, (n, k, s, p, d, ceil)
+        checked += 1
+    assert checked > 500
+    # the documented edge case: ceil would create a window starting in the right padding
+    assert K.pool_output_size(5, 2, 2, 1, 1, True) == 3
+    assert K.pool_output_size(6, 3, 2, 1, 1, True) == 4
+
+
+def test_pool_rejects_large_padding():
+    x = np.zeros((1, 5, 5, 1), np.float32)
+    with pytest.raises(ValueError):
+        K.max_pool2d(x, (2, 2), (2, 2), (2, 2), (1, 1), False)
+
+
+# ----------------------------------------------------------------------------------------------
+# flatten / heads
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 1, 1, 8), (1, 2, 2, 1)])
+def test_flatten_nchw(shape):
+    x = _seeded(sum(shape)).standard_normal(shape, dtype=np.float32)
+    ref = torch.flatten(nhwc_to_nchw(x), 1).numpy()
+    got = K.flatten_nchw(x)
+    assert got.flags.c_contiguous
+    assert_close(got, ref, tol=0)
+    y = x.reshape(shape[0], -1)
+    assert K.flatten_nchw(y) is y or np.array_equal(K.flatten_nchw(y), y)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+@pytest.mark.parametrize("k", [2, 10, 1000])
+def test_softmax_heads(scale, k):
+    rng = _seeded(int(scale) + k)
+    z = (rng.standard_normal((6, k)) * scale).astype(np.float32)
+    z[0] = 0.0  # uniform row: entropy exactly 1, confidence 1/K
+    z[1, :] = -1e4
+    z[1, 0] = 1e4  # one-hot row: entropy 0, confidence 1
+    zt = torch.from_numpy(z)
+    p_ref = torch.softmax(zt.double(), 1)
+    h_ref = (
+        (-(p_ref * torch.log_softmax(zt.double(), 1)).nan_to_num().sum(1) / np.log(k))
+        .float()
+        .numpy()
+    )
+
+    p = K.softmax(z)
+    assert p.dtype == np.float32 and np.isfinite(p).all()
+    assert_close(p, torch.softmax(zt, 1).numpy(), tol=1e-5)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+
+    c = K.max_softmax(z)
+    assert c.shape == (6,) and np.isfinite(c).all()
+    assert_close(c, p_ref.max(1).values.float().numpy(), tol=1e-5)
+    assert abs(c[0] - 1.0 / k) < 1e-6 and abs(c[1] - 1.0) < 1e-6
+
+    h = K.entropy(z)
+    assert h.shape == (6,) and np.isfinite(h).all()
+    assert (h >= 0).all() and (h <= 1).all()
+    assert_close(h, h_ref, tol=1e-5)
+    assert abs(h[0] - 1.0) < 1e-5 and abs(h[1]) < 1e-6
+
+
+def test_entropy_single_class():
+    z = np.array([[3.0], [-2.0]], np.float32)
+    np.testing.assert_array_equal(K.entropy(z), [0.0, 0.0])
+    np.testing.assert_array_equal(K.max_softmax(z), [1.0, 1.0])
