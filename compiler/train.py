@@ -83,7 +83,9 @@ def self_distillation_loss(
         else:
             total = total + ce  # the deepest exit learns from the labels alone
             continue
-        total = total + (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd_loss(out, soft, cfg.temperature)
+        total = (
+            total + (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd_loss(out, soft, cfg.temperature)
+        )
         if cfg.hint_weight and features is not None and i < deepest:
             total = total + cfg.hint_weight * F.mse_loss(features[i], features[deepest].detach())
     return total
@@ -136,8 +138,9 @@ def fit(
     """
     torch.manual_seed(cfg.seed)
     params = [p for p in (params or model.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=True)
+    opt = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
     steps = cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, steps) / max(steps, 1)))
@@ -166,8 +169,13 @@ def fit(
         total = len(loader)
         if cfg.max_steps_per_epoch:
             total = min(total, cfg.max_steps_per_epoch)
-        bar = tqdm(total=total, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=rank() != 0,
-                   leave=False, mininterval=1.0)
+        bar = tqdm(
+            total=total,
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            disable=rank() != 0,
+            leave=False,
+            mininterval=1.0,
+        )
         running, seen, hits = 0.0, 0, 0
         for step, (x, y) in enumerate(loader):
             if step >= total:
@@ -184,7 +192,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss) * len(y)
+            running += loss.item() * len(y)
             seen += len(y)
             hits += int((logits[-1].argmax(1) == y).sum())
             bar.set_postfix(loss=f"{running / seen:.3f}", acc=f"{100 * hits / seen:.1f}")
@@ -192,17 +200,33 @@ def fit(
         bar.close()
         sched.step()
         metrics = evaluate(model, val_loader) if val_loader is not None else {}
-        record = {"epoch": epoch + 1, "loss": running / max(seen, 1),
-                  "train_acc_last_exit": 100 * hits / max(seen, 1), **metrics}
+        record = {
+            "epoch": epoch + 1,
+            "loss": running / max(seen, 1),
+            "train_acc_last_exit": 100 * hits / max(seen, 1),
+            **metrics,
+        }
         history.epochs.append(record)
         if rank() == 0:
-            log.info("%s epoch %d: loss %.4f val per-exit %s ensemble %.2f", desc, epoch + 1,
-                     record["loss"], [round(a, 2) for a in metrics.get("per_exit", [])],
-                     metrics.get("ensemble", float("nan")))
+            log.info(
+                "%s epoch %d: loss %.4f val per-exit %s ensemble %.2f",
+                desc,
+                epoch + 1,
+                record["loss"],
+                [round(a, 2) for a in metrics.get("per_exit", [])],
+                metrics.get("ensemble", float("nan")),
+            )
             if checkpoint:
-                save_checkpoint(checkpoint, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                    "history": history.epochs, "epoch": epoch + 1, "config": asdict(cfg),
-                })
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "history": history.epochs,
+                        "epoch": epoch + 1,
+                        "config": asdict(cfg),
+                    },
+                )
     return history
