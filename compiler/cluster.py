@@ -154,8 +154,9 @@ class ClusteredWeight(nn.Module):
         return self.centroids[self.indices]
 
 
-def attach_codebook(model: nn.Module, graph: Graph, section: int, k: int,
-                    seed: int = 0) -> nn.Parameter:
+def attach_codebook(
+    model: nn.Module, graph: Graph, section: int, k: int, seed: int = 0
+) -> nn.Parameter:
     """Cluster one section's weights and make its centroids the trainable parameters."""
     from torch.nn.utils import parametrize
 
@@ -166,8 +167,9 @@ def attach_codebook(model: nn.Module, graph: Graph, section: int, k: int,
     for name, _ in params:
         mod = modules[name.rsplit(".", 1)[0]]
         idx = torch.from_numpy(book.indices[name].astype(np.int64))
-        parametrize.register_parametrization(mod, "weight", ClusteredWeight(idx, centroids),
-                                             unsafe=True)
+        parametrize.register_parametrization(
+            mod, "weight", ClusteredWeight(idx, centroids), unsafe=True
+        )
         mod.parametrizations.weight.original.requires_grad_(False)
     return centroids
 
@@ -184,8 +186,11 @@ def bake_codebooks(model: nn.Module) -> None:
 
 def trainable_after_clustering(model: nn.Module, centroids: list[nn.Parameter]) -> list:
     """Centroids of clustered sections + every parameter that is not a clustered weight."""
-    frozen = {id(m.parametrizations.weight.original) for m in model.modules()
-              if hasattr(m, "parametrizations") and "weight" in m.parametrizations}
+    frozen = {
+        id(m.parametrizations.weight.original)
+        for m in model.modules()
+        if hasattr(m, "parametrizations") and "weight" in m.parametrizations
+    }
     seen, out = set(), []
     for p in list(centroids) + list(model.parameters()):
         if id(p) not in frozen and id(p) not in seen:

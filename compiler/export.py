@@ -500,3 +500,23 @@ def _node(w: _Writer, node: IRNode, value_of: dict, weight: int, scale: int, shi
     if adaptive is not None:
         Node.AddAdaptivePool(b, adaptive)
     return Node.End(b)
+
+
+def patch_thresholds(blob: bytes, thresholds: list[float]) -> bytes:
+    """The same file with new exit thresholds (written in place of the old, CRC re-sealed)."""
+    import struct
+
+    from escepe_rt._fbs.Model import Model as FbModel
+
+    verify.check_structure(blob)
+    verify.check_model(blob, fmt.parse(blob))
+    model = FbModel.GetRootAs(blob, 0)
+    values = _per_exit(thresholds, model.ExitsLength())
+    out = bytearray(blob)
+    for i, t in enumerate(values):
+        ex = model.Exits(i)
+        slot = ex._tab.Offset(8)  # Exit.threshold: third field, vtable slot 4 + 2*2
+        if not slot:
+            raise ValueError("this file stores no threshold fields to patch; re-export it")
+        struct.pack_into("<f", out, ex._tab.Pos + slot, t)
+    return seal(out)
