@@ -85,6 +85,10 @@ class Model:
         return self.spec.input_shape
 
     @property
+    def num_classes(self) -> int:
+        return self.spec.values[self.spec.exits[0].logits].shape[0]
+
+    @property
     def labels(self) -> list[str]:
         return list(self.spec.labels)
 
@@ -127,9 +131,17 @@ class Model:
     def predict(self, x: np.ndarray) -> Prediction:
         """Early-exit inference; results in input order. Big batches run in chunks."""
         x = self._check_input(x)
+        if len(x) == 0:
+            k = self.num_classes
+            return Prediction(
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int64),
+                np.zeros(0, np.float32),
+                np.zeros((0, k), np.float32),
+            )
         parts = [
             self._executor.predict(_to_nhwc(x[i : i + CHUNK]), self.thresholds, self.policy)
-            for i in range(0, max(len(x), 1), CHUNK)
+            for i in range(0, len(x), CHUNK)
         ]
         if len(parts) == 1:
             return parts[0]
@@ -143,9 +155,11 @@ class Model:
     def run_all_exits(self, x: np.ndarray) -> list[np.ndarray]:
         """Logits (N, K) of every exit for every sample (no early exit)."""
         x = self._check_input(x)
+        if len(x) == 0:
+            return [np.zeros((0, self.num_classes), np.float32) for _ in self.spec.exits]
         chunks = [
             self._executor.run_all_exits(_to_nhwc(x[i : i + CHUNK]))
-            for i in range(0, max(len(x), 1), CHUNK)
+            for i in range(0, len(x), CHUNK)
         ]
         return [np.concatenate([c[e] for c in chunks]) for e in range(len(self.spec.exits))]
 
