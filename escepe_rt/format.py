@@ -6,6 +6,7 @@ generated accessors in _fbs/ follow offsets without bounds checks.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class TensorSpec:
 
     @property
     def count(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # Python ints: hostile shapes cannot overflow
 
 
 @dataclass(frozen=True)

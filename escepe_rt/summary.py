@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import math
 import os
-
-import numpy as np
 
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.OpCode import OpCode
@@ -18,8 +17,8 @@ def node_macs(spec: ModelSpec, node) -> int:
         return 0
     w = spec.tensors[node.weight]
     out = spec.values[node.output].shape
-    per_output = int(np.prod(w.shape[1:]))  # (Cin/g)*kh*kw, or in_features
-    return int(np.prod(out)) * per_output
+    per_output = math.prod(w.shape[1:])  # (Cin/g)*kh*kw, or in_features
+    return math.prod(out) * per_output
 
 
 def model_info(spec: ModelSpec, path: str = "", thresholds=None) -> dict:

@@ -284,6 +284,8 @@ def infer_shape(node: NodeSpec, shapes: list[tuple], spec: ModelSpec, path: str)
         wo = pool_output_size(x[2], kw, sw, pw, dw, False)
         if ho < 1 or wo < 1:
             _fail(f"output would be empty for input {x}", path)
+        if ho * wo * cin_g * kh * kw > MAX_VALUE_ELEMENTS:
+            _fail("im2col buffer would exceed the per-sample limit", path)
         _channel_tensors(spec, node, cout, path)
         return (cout, ho, wo)
     if op == OpCode.LINEAR:
@@ -330,7 +332,7 @@ def infer_shape(node: NodeSpec, shapes: list[tuple], spec: ModelSpec, path: str)
             _fail(f"output size {(oh, ow)} does not fit input {x}", path + ".adaptive_pool")
         return (x[0], oh, ow)
     if op == OpCode.FLATTEN:
-        return (int(np.prod(x, dtype=np.int64)),)
+        return (math.prod(x),)
     if op == OpCode.ADD:
         if shapes[0] != shapes[1]:
             _fail(f"ADD of shapes {shapes[0]} and {shapes[1]}", path + ".inputs")
@@ -458,7 +460,7 @@ def _check_graph(spec: ModelSpec) -> None:
     for j, v in enumerate(values):
         if not 1 <= len(v.shape) <= 3 or min(v.shape) < 1:
             _fail(f"shape {v.shape} must have 1..3 positive dims", f"values[{j}].shape")
-        if int(np.prod(v.shape, dtype=np.int64)) > MAX_VALUE_ELEMENTS:
+        if math.prod(v.shape) > MAX_VALUE_ELEMENTS:
             _fail(f"{v.shape} is over the per-sample limit", f"values[{j}].shape")
     if not spec.sections:
         _fail("model has no sections", "sections")
