@@ -24,7 +24,7 @@ import escepe_rt
 from compiler import cluster
 from compiler.graph import Graph, IRNode, capture
 from escepe_rt import format as fmt
-from escepe_rt import verify
+from escepe_rt import rans, verify
 from escepe_rt._fbs import (
     AdaptivePoolOptions,
     Buffer,
@@ -48,6 +48,7 @@ from escepe_rt.encodings import index_bits, pack_indices
 log = logging.getLogger("escepe.export")
 WRITER = f"escepe {escepe_rt.__version__}"
 CHECKSUM_PLACEHOLDER = 0xFFFFFFFF  # non-default, so the field is always written
+NEVER_EXIT = 2.0  # a threshold no confidence in [0, 1] reaches
 
 
 @dataclass
@@ -58,6 +59,8 @@ class SectionReport:
     bits: int  # bits per stored weight index (32 for raw)
     exact: bool  # codebook holds the exact weight values
     stored_bytes: int  # weight + scale/shift buffer bytes
+    coded_bits_per_weight: float = 32.0  # what the weight buffers actually cost
+    entropy_bits_per_weight: float = 32.0  # empirical entropy of the section's indices
 
 
 @dataclass
@@ -84,11 +87,39 @@ class ExportReport:
             f"{self.zipped_ratio:.1f}x"
         ]
         for s in self.sections:
-            k = "raw f32" if s.clusters is None else f"k={s.clusters} ({s.bits} bits)"
+            k = (
+                "raw f32"
+                if s.clusters is None
+                else (
+                    f"k={s.clusters}: packed {s.bits} bits, stored {s.coded_bits_per_weight:.3f} "
+                    f"bits/weight, index entropy {s.entropy_bits_per_weight:.3f}"
+                )
+            )
             lines.append(
                 f"  section {s.index}: {s.weights:,} weights, {k}, {s.stored_bytes:,} B stored"
             )
         return "\n".join(lines)
+
+
+INDEX_ENCODINGS = ("auto", "packed", "rans")
+
+
+def encode_indices(indices: np.ndarray, k: int, how: str = "auto") -> tuple[int, bytes]:
+    """(encoding, payload) for one tensor's cluster indices.
+
+    "packed": ceil(log2 k) bits each; "rans": entropy-coded (below 1 bit/index
+    on skewed clusters, slower to decode); "auto": whichever is smaller.
+    """
+    if how not in INDEX_ENCODINGS:
+        raise ValueError(f"index_encoding must be one of {INDEX_ENCODINGS}, got {how!r}")
+    flat = np.ascontiguousarray(indices, dtype=np.uint8).ravel()
+    packed = pack_indices(flat, index_bits(k)).tobytes()
+    if how == "packed":
+        return Encoding.PACKED_INDICES, packed
+    coded = rans.encode(flat, k)
+    if how == "rans" or len(coded) < len(packed):
+        return Encoding.RANS_INDICES, coded
+    return Encoding.PACKED_INDICES, packed
 
 
 def fp32_param_bytes(model: nn.Module) -> int:
@@ -108,6 +139,7 @@ def export(
     input_std: list[float] | None = None,
     metadata: dict[str, str] | None = None,
     exit_policy: str = "max_softmax",
+    index_encoding: str | list[str] = "auto",
     seed: int = 0,
 ) -> ExportReport:
     """Compile `model` to a .escepe file at `path`; returns sizes and ratios.
@@ -117,6 +149,8 @@ def export(
     section. A section whose weights already have <= k distinct values (e.g.
     after cluster_sections) is stored exactly; otherwise it is clustered here
     (the model itself is left unchanged, and a warning says so).
+    index_encoding: "auto" (per tensor, the smaller of bit-packed and
+    rANS-coded indices), "packed" or "rans"; or one of these per section.
     """
     graph = capture(model, example_input)
     data = build(
@@ -129,6 +163,7 @@ def export(
         input_std=input_std,
         metadata=metadata,
         exit_policy=exit_policy,
+        index_encoding=index_encoding,
         seed=seed,
     )
     blob, sections, meta = data
@@ -259,12 +294,16 @@ def build(
     input_std=None,
     metadata=None,
     exit_policy="max_softmax",
+    index_encoding: str | list[str] = "auto",
     seed: int = 0,
 ) -> tuple[bytes, list[SectionReport], dict]:
     """Serialise and verify; returns (file bytes, per-section report, metadata)."""
     modules = dict(model.named_modules())
     n_sec = graph.num_sections
     ks = None if clusters is None else cluster.per_section(clusters, n_sec)
+    encodings = [index_encoding] * n_sec if isinstance(index_encoding, str) else index_encoding
+    if len(encodings) != n_sec:
+        raise ValueError(f"index_encoding needs {n_sec} values (one per section)")
     thresholds = _per_exit(thresholds, n_sec)
     c = graph.input_shape[0]
     for name, vec in (("input_mean", input_mean), ("input_std", input_std)):
@@ -306,19 +345,40 @@ def build(
         Codebook.AddSection(b, s)
         Codebook.AddCentroids(b, cents)
         codebook_offsets.append(Codebook.End(b))
-        stored = 0
+        stored, coded_bits = 0, 0
         for name, p in params:
-            packed = pack_indices(book.indices[name], bits).tobytes()
-            stored += len(packed)
+            encoding, payload = encode_indices(
+                book.indices[name], len(book.centroids), encodings[s]
+            )
+            stored += len(payload)
+            coded_bits += 8 * len(payload)
             weight_tensor[name] = w.tensor(
                 name,
                 tuple(p.shape),
-                Encoding.PACKED_INDICES,
-                packed,
-                bits=bits,
+                encoding,
+                payload,
+                bits=bits if encoding == Encoding.PACKED_INDICES else 0,
                 codebook=len(codebook_offsets) - 1,
             )
-        reports.append(SectionReport(s, n_weights, len(book.centroids), bits, book.exact, stored))
+        everything = (
+            np.concatenate([i.ravel() for i in book.indices.values()])
+            if params
+            else np.zeros(0, np.uint8)
+        )
+        reports.append(
+            SectionReport(
+                s,
+                n_weights,
+                len(book.centroids),
+                bits,
+                book.exact,
+                stored,
+                coded_bits_per_weight=coded_bits / max(n_weights, 1),
+                entropy_bits_per_weight=rans.entropy_bits(everything, len(book.centroids))
+                if n_weights
+                else 0.0,
+            )
+        )
 
     # Nodes (value 0 = input, node i produces value i + 1).
     value_of = {"input": 0}
@@ -443,7 +503,9 @@ def seal(blob: bytearray) -> bytes:
 
 def _per_exit(thresholds, n: int) -> list[float]:
     if thresholds is None:
-        return [1.0] * (n - 1) + [0.0]  # uncalibrated: run everything to the last exit
+        # Uncalibrated: run everything to the last exit. Above 1, not 1: a
+        # float32 max-softmax does reach exactly 1.0.
+        return [NEVER_EXIT] * (n - 1) + [0.0]
     if np.isscalar(thresholds):
         return [float(thresholds)] * n
     values = [float(t) for t in thresholds]

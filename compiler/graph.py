@@ -111,14 +111,21 @@ def _lower(gm: fx.GraphModule, model: nn.Module, input_shape) -> Graph:
     order: list[str] = []
     exits: list[str] = []
 
+    # An in-place op (ReLU(inplace=True), relu_) rewrites its input's storage:
+    # every LATER reader of that value sees the result, so redirect them.
+    rewritten: dict[str, str] = {}
+
     def src(a) -> str:
         if not isinstance(a, fx.Node):
             raise TypeError
-        return alias.get(a.name, a.name)
+        name = alias.get(a.name, a.name)
+        return rewritten.get(name, name)
 
     def add(n: fx.Node, op: int, inputs, **kw) -> None:
         nodes[n.name] = IRNode(n.name, op, [src(a) for a in inputs], _shape(n), **kw)
         order.append(n.name)
+        if _is_inplace(n, modules):
+            rewritten[nodes[n.name].inputs[0]] = n.name
 
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -172,6 +179,8 @@ def _lower_module(n: fx.Node, mod: nn.Module, add, alias, src) -> None:
             },
         )
     elif isinstance(mod, nn.Linear):
+        if len(_shape(x)) != 1:
+            raise _unsupported(n, f"Linear on a {len(_shape(x)) + 1}-D tensor; flatten first")
         add(n, OpCode.LINEAR, [x], module=n.target)
     elif isinstance(mod, nn.BatchNorm2d):
         if not mod.track_running_stats or mod.running_mean is None:
@@ -207,7 +216,10 @@ def _lower_module(n: fx.Node, mod: nn.Module, add, alias, src) -> None:
             ),
         )
     elif isinstance(mod, nn.AdaptiveAvgPool2d):
-        add(n, OpCode.ADAPTIVE_AVG_POOL2D, [x], options={"output_size": _shape(n)[1:]})
+        (_, h, w), (_, oh, ow) = _shape(x), _shape(n)
+        if oh > h or ow > w:
+            raise _unsupported(n, f"AdaptiveAvgPool2d upsamples {(h, w)} to {(oh, ow)}")
+        add(n, OpCode.ADAPTIVE_AVG_POOL2D, [x], options={"output_size": (oh, ow)})
     elif isinstance(mod, nn.Flatten):
         _flatten(n, add, alias, src, mod.start_dim, mod.end_dim)
     else:
@@ -238,14 +250,20 @@ def _flatten(n: fx.Node, add, alias, src, start: int, end: int) -> None:
         add(n, OpCode.FLATTEN, [n.args[0]])
 
 
+def _is_inplace(n: fx.Node, modules) -> bool:
+    if n.op == "call_module":
+        return bool(getattr(modules[n.target], "inplace", False))
+    return n.kwargs.get("inplace", False) or (isinstance(n.target, str) and n.target.endswith("_"))
+
+
 _ADDS = (operator.add, torch.add, "add", operator.iadd, "add_")
 _RELUS = (F.relu, torch.relu, "relu", "relu_")
 
 
 def _lower_function(n: fx.Node, add, alias, src) -> None:
     t = n.target
-    if t == "size" or t is getattr:
-        return  # shape queries feed view/reshape; checked there through shapes
+    if t == "size" or t is getattr or (t is operator.getitem and not _is_tensor(n)):
+        return  # shape queries (x.size(0), x.shape[0]) feed view/reshape; checked via shapes
     if t in _ADDS:
         a, b = n.args[0], n.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or n.kwargs.get("alpha", 1) != 1:
@@ -275,6 +293,10 @@ def _lower_function(n: fx.Node, add, alias, src) -> None:
         _flatten(n, add, alias, src, 1, -1)
     else:
         raise _unsupported(n, "op is not supported")
+
+
+def _is_tensor(n: fx.Node) -> bool:
+    return hasattr(n.meta.get("tensor_meta"), "shape")
 
 
 def _numel(shape) -> int:

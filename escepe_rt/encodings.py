@@ -21,16 +21,19 @@ class EncodingInfo:
     max_bits: int
     uses_codebook: bool
 
-    def nbytes(self, count: int, bits: int) -> int:
-        """Exact buffer length for `count` elements."""
+    def nbytes(self, count: int, bits: int) -> int | None:
+        """Exact buffer length for `count` elements; None for variable-length (entropy) codes."""
         if self.code == Encoding.RAW_F32:
             return 4 * count
-        return (count * bits + 7) // 8
+        if self.code == Encoding.PACKED_INDICES:
+            return (count * bits + 7) // 8
+        return None
 
 
 ENCODINGS: dict[int, EncodingInfo] = {
     Encoding.RAW_F32: EncodingInfo(Encoding.RAW_F32, "raw_f32", 0, 0, False),
     Encoding.PACKED_INDICES: EncodingInfo(Encoding.PACKED_INDICES, "packed", 1, 8, True),
+    Encoding.RANS_INDICES: EncodingInfo(Encoding.RANS_INDICES, "rans", 0, 0, True),
 }
 
 
@@ -67,4 +70,8 @@ def decode_reference(
         return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype="<f4", count=count)
     if encoding == Encoding.PACKED_INDICES:
         return np.asarray(codebook, dtype=np.float32)[unpack_indices_reference(data, bits, count)]
+    if encoding == Encoding.RANS_INDICES:
+        from escepe_rt import rans
+
+        return np.asarray(codebook, dtype=np.float32)[rans.decode_reference(data)]
     raise ValueError(f"unknown encoding {encoding}")

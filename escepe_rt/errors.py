@@ -11,6 +11,7 @@ class FormatError(ValueError):
     """
 
     def __init__(self, message: str, field: str | None = None, offset: int | None = None):
+        self.reason = message  # without the location prefix
         self.field = field
         self.offset = offset
         where = []

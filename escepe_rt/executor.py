@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from escepe_rt import decode, kernels
+from escepe_rt import decode, kernels, rans
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
+from escepe_rt.errors import FormatError
 from escepe_rt.format import ModelSpec, buffer_bytes
 
 # Samples per chunk: bounds peak memory for big batches (activations of the
@@ -58,6 +59,13 @@ class Executor:
         if t.encoding == Encoding.RAW_F32:
             return data.view("<f4").reshape(t.shape)
         codebook = self.spec.codebooks[t.codebook][1]
+        if t.encoding == Encoding.RANS_INDICES:
+            try:
+                values = rans.decode(data, codebook, expected_count=t.count)
+            except rans.RansError as e:
+                at = self.spec.buffers[t.buffer][0] + (e.offset or 0)
+                raise FormatError(e.reason, field=f"tensors[{index}]", offset=at) from None
+            return values.reshape(t.shape)
         return decode.decode_packed(data, t.bits, t.count, codebook).reshape(t.shape)
 
     def section_params(self, s: int) -> dict:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.OpCode import OpCode
-from escepe_rt.encodings import ENCODINGS
 from escepe_rt.format import ModelSpec
 
 
@@ -31,11 +29,8 @@ def model_info(spec: ModelSpec, path: str = "", thresholds=None) -> dict:
         extra_ids = [t for n in nodes for t in (n.scale, n.shift) if t >= 0]
         tensors = [spec.tensors[t] for t in weight_ids]
         weights = sum(t.count for t in tensors)
-        packed_bits = sum(t.count * t.bits for t in tensors if t.encoding != Encoding.RAW_F32)
-        stored = sum(
-            ENCODINGS[spec.tensors[t].encoding].nbytes(spec.tensors[t].count, spec.tensors[t].bits)
-            for t in weight_ids + extra_ids
-        )
+        weight_bytes = sum(spec.buffers[spec.tensors[t].buffer][1] for t in weight_ids)
+        stored = sum(spec.buffers[spec.tensors[t].buffer][1] for t in weight_ids + extra_ids)
         clusters = sorted({len(spec.codebooks[t.codebook][1]) for t in tensors if t.codebook >= 0})
         macs = sum(node_macs(spec, n) for n in nodes)
         cumulative_macs += macs
@@ -46,11 +41,7 @@ def model_info(spec: ModelSpec, path: str = "", thresholds=None) -> dict:
                 "weights": weights,
                 "channel_params": sum(spec.tensors[t].count for t in extra_ids),
                 "clusters": clusters,
-                "bits_per_weight": packed_bits / weights
-                if packed_bits
-                else 32.0
-                if weights
-                else 0.0,
+                "bits_per_weight": 8 * weight_bytes / weights if weights else 0.0,
                 "stored_bytes": stored,
                 "macs": macs,
             }

@@ -135,16 +135,17 @@ class _Walker:
             raise FormatError(f"offset {pos} is not {align}-byte aligned", field=path, offset=pos)
 
     def table(self, pos: int, kind: str, path: str) -> None:
-        self._need(pos, 4, path, 4)
+        here = path or "root"  # errors about the root table itself name it
+        self._need(pos, 4, here, 4)
         vtable = pos - struct.unpack_from("<i", self.buf, pos)[0]
-        self._need(vtable, 4, path + " (vtable)", 2)
+        self._need(vtable, 4, here + " (vtable)", 2)
         vt_size, obj_size = struct.unpack_from("<HH", self.buf, vtable)
         if vt_size < 4 or vt_size % 2:
-            raise FormatError(f"bad vtable size {vt_size}", field=path, offset=vtable)
-        self._need(vtable, vt_size, path + " (vtable)")
+            raise FormatError(f"bad vtable size {vt_size}", field=here, offset=vtable)
+        self._need(vtable, vt_size, here + " (vtable)")
         if obj_size < 4:
-            raise FormatError(f"bad table size {obj_size}", field=path, offset=pos)
-        self._need(pos, obj_size, path)
+            raise FormatError(f"bad table size {obj_size}", field=here, offset=pos)
+        self._need(pos, obj_size, here)
         n_slots = (vt_size - 4) // 2
         for i, (name, ftype) in enumerate(LAYOUT[kind]):
             if i >= n_slots:
@@ -346,6 +347,7 @@ def infer_shape(node: NodeSpec, shapes: list[tuple], spec: ModelSpec, path: str)
 
 _OP_NAMES = {v: k for k, v in vars(OpCode).items() if not k.startswith("_")}
 _WEIGHTED = (OpCode.CONV2D, OpCode.LINEAR)
+_CHANNELWISE = (OpCode.CONV2D, OpCode.LINEAR, OpCode.AFFINE)
 
 
 def _tensor(spec: ModelSpec, index: int, path: str):
@@ -421,6 +423,8 @@ def _check_tensors(buf, spec: ModelSpec) -> None:
             )
         offset, length = spec.buffers[t.buffer]
         want = info.nbytes(t.count, t.bits)
+        if want is None:
+            want = length  # entropy-coded: the header is checked below
         if length != want:
             _fail(
                 f"buffer {t.buffer} has {length} bytes; shape {t.shape} at {info.name}"
@@ -432,13 +436,36 @@ def _check_tensors(buf, spec: ModelSpec) -> None:
             if not 0 <= t.codebook < len(spec.codebooks):
                 _fail(f"codebook index {t.codebook} out of range", path + ".codebook")
             k = len(spec.codebooks[t.codebook][1])
-            top = decode.max_index(buffer_bytes(buf, spec, t.buffer), t.bits, t.count)
+            data = buffer_bytes(buf, spec, t.buffer)
+            if t.encoding == Encoding.RANS_INDICES:
+                _check_rans(data, t, k, path, offset)
+                continue
+            top = decode.max_index(data, t.bits, t.count)
             if top >= k:
                 _fail(f"index {top} >= codebook size {k}", path, offset)
         else:
             data = np.frombuffer(buf, dtype="<f4", count=t.count, offset=offset)
             if not np.all(np.isfinite(data)):
                 _fail("raw float32 tensor holds NaN or inf", path, offset)
+
+
+def _check_rans(data: np.ndarray, t, k: int, path: str, offset: int) -> None:
+    """Header of an rANS stream: symbols == codebook size, count == tensor size.
+
+    Symbols are < S by construction of the frequency table, so no index can
+    exceed the codebook; the stream's end-state check runs when it is decoded.
+    """
+    from escepe_rt import rans
+
+    try:
+        header = rans.parse_header(data)
+    except rans.RansError as e:
+        _fail(e.reason, path, offset + (e.offset or 0))
+    if header.num_symbols != k:
+        _fail(f"rANS stream has {header.num_symbols} symbols, codebook has {k}", path, offset)
+    if header.count != t.count:
+        _fail(f"rANS stream holds {header.count} indices, shape {t.shape} needs {t.count}",
+              path, offset)
 
 
 def _check_graph(spec: ModelSpec) -> None:
@@ -491,6 +518,10 @@ def _check_graph(spec: ModelSpec) -> None:
                 _fail("op needs a weight tensor", path + ".weight")
         elif node.weight != -1:
             _fail("op takes no weight tensor", path + ".weight")
+        if node.op not in _CHANNELWISE:
+            for name, idx in (("scale", node.scale), ("shift", node.shift)):
+                if idx != -1:
+                    _fail(f"op takes no {name} tensor", f"{path}.{name}")
         for k, v in enumerate(node.inputs):
             if v not in produced_in:
                 _fail(f"value {v} is not produced before this node", f"{path}.inputs[{k}]")

@@ -11,7 +11,8 @@ from the torch model evaluated in float64, not from the runtime, so the golden t
 checks the runtime against an independent reference.
 
 Only bump the golden file together with the schema version (escepe_rt/format.py and
-schema/escepe.fbs): its bytes are the 1.0 format.
+schema/escepe.fbs). Since 1.1 the two sections use the two index encodings
+(section 0 rANS, section 1 bit-packed), so both are pinned.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ THRESHOLDS = [0.75, 0.0]
 LABELS = ["circle", "square", "triangle"]
 INPUT_MEAN = [0.5]
 INPUT_STD = [0.25]
+INDEX_ENCODING = ["rans", "packed"]
 METADATA = {"dataset": "synthetic", "recipe": "tests/make_golden.py", "accuracy": "0.5"}
 SECTION0_VALUES = np.array([-0.5, -0.25, 0.25, 0.5], dtype=np.float32)
 SECTION1_VALUES = np.array([-0.375, -0.125, 0.0, 0.125, 0.375], dtype=np.float32)
@@ -121,6 +123,7 @@ def golden_bytes() -> bytes:
         input_mean=INPUT_MEAN,
         input_std=INPUT_STD,
         metadata=METADATA,
+        index_encoding=INDEX_ENCODING,
     )
     return blob
 

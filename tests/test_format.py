@@ -908,14 +908,6 @@ def _has_stray_channel_tensor(spec) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG: verify.check_model checks scale/shift only for CONV2D/LINEAR/AFFINE nodes; "
-    "an out-of-range Node.scale/shift on any other op passes load, then "
-    "executor._decode_section indexes spec.tensors with it (IndexError at predict, or at "
-    "load with decode='eager')",
-)
 @pytest.mark.parametrize("accessor", ["Scale", "Shift"])
 def test_channel_tensor_on_op_without_channels(tmp_path, golden, golden_input, accessor):
     blob = bytearray(golden)
@@ -942,13 +934,6 @@ def _root_cases(golden: bytes) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: verify.check_structure walks the root Model table with path '' so a "
-    "FormatError about the root table itself (offset, vtable, size) has field='' and its "
-    "message names no field (e.g. 'offset 0: bad vtable size 0'); it should say e.g. 'root'",
-)
 @pytest.mark.parametrize(
     "case", ["root offset past the end", "cut inside the root table", "root vtable size 0"]
 )

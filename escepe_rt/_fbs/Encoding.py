@@ -6,3 +6,4 @@
 class Encoding(object):
     RAW_F32 = 0
     PACKED_INDICES = 1
+    RANS_INDICES = 2
