@@ -97,21 +97,50 @@ def per_section(clusters: int | list[int] | tuple[int, ...], num_sections: int) 
 
 
 def codebook_for(
-    section: int, params: list[tuple[str, nn.Parameter]], k: int, seed: int = 0
+    section: int,
+    params: list[tuple[str, nn.Parameter]],
+    k: int,
+    seed: int = 0,
+    zero_fraction: float = 0.0,
 ) -> SectionCodebook:
-    """Codebook and indices of one section's weights (exact if they have <= k distinct values)."""
+    """Codebook and indices of one section's weights (exact if they have <= k distinct values).
+
+    zero_fraction > 0 prunes: that share of the section's weights, smallest in
+    magnitude, go to a centroid fixed at exactly 0, and the rest are clustered
+    into k - 1 centroids. A dominant zero cluster is what lets entropy-coded
+    indices go below 1 bit per weight.
+    """
+    if not 0.0 <= zero_fraction < 1.0:
+        raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction}")
     flat = [p.detach().cpu().numpy().astype(np.float32).ravel() for _, p in params]
     everything = np.concatenate(flat) if flat else np.zeros(0, np.float32)
     distinct = np.unique(everything)
     exact = len(distinct) <= k
-    centroids = distinct if exact else kmeans_1d(everything, k, seed=seed + section)
-    if len(centroids) == 0:
-        centroids = np.zeros(1, np.float32)
-    indices = {
-        name: assign(p.detach().cpu().numpy().ravel(), centroids).reshape(tuple(p.shape))
-        for name, p in params
-    }
-    return SectionCodebook(section, centroids.astype(np.float32), indices, exact)
+    if exact or zero_fraction == 0.0 or k < 2:
+        centroids = distinct if exact else kmeans_1d(everything, k, seed=seed + section)
+        if len(centroids) == 0:
+            centroids = np.zeros(1, np.float32)
+        indices = {
+            name: assign(p.detach().cpu().numpy().ravel(), centroids).reshape(tuple(p.shape))
+            for name, p in params
+        }
+        return SectionCodebook(section, centroids.astype(np.float32), indices, exact)
+
+    cut = np.quantile(np.abs(everything), zero_fraction)
+    kept = everything[np.abs(everything) > cut]
+    others = kmeans_1d(kept, k - 1, seed=seed + section) if kept.size else np.zeros(0, np.float32)
+    others = others[others != 0]
+    centroids = np.sort(np.concatenate([[0.0], others])).astype(np.float32)
+    zero = int(np.searchsorted(centroids, 0.0))
+    rest = np.delete(centroids, zero)
+    indices = {}
+    for name, p in params:
+        w = p.detach().cpu().numpy().ravel()
+        near = assign(w, rest) if rest.size else np.zeros(w.shape, np.uint8)
+        near = near + (near >= zero)  # index into `centroids`, skipping the zero slot
+        idx = np.where(np.abs(w) <= cut, zero, near).astype(np.uint8)
+        indices[name] = idx.reshape(tuple(p.shape))
+    return SectionCodebook(section, centroids, indices, exact=False)
 
 
 def cluster_sections(
@@ -155,14 +184,26 @@ class ClusteredWeight(nn.Module):
 
 
 def attach_codebook(
-    model: nn.Module, graph: Graph, section: int, k: int, seed: int = 0
+    model: nn.Module,
+    graph: Graph,
+    section: int,
+    k: int,
+    seed: int = 0,
+    zero_fraction: float = 0.0,
 ) -> nn.Parameter:
-    """Cluster one section's weights and make its centroids the trainable parameters."""
+    """Cluster one section's weights and make its centroids the trainable parameters.
+
+    With pruning (zero_fraction > 0) the zero centroid gets no gradient, so
+    pruned weights stay exactly zero while the other centroids move.
+    """
     from torch.nn.utils import parametrize
 
     params = section_parameters(graph, model)[section]
-    book = codebook_for(section, params, k, seed=seed)
+    book = codebook_for(section, params, k, seed=seed, zero_fraction=zero_fraction)
     centroids = nn.Parameter(torch.from_numpy(book.centroids.copy()))
+    if zero_fraction > 0:
+        frozen = torch.from_numpy(book.centroids == 0)
+        centroids.register_hook(lambda g: g.masked_fill(frozen, 0.0))
     modules = dict(model.named_modules())
     for name, _ in params:
         mod = modules[name.rsplit(".", 1)[0]]

@@ -36,7 +36,8 @@ class PipelineConfig:
     train: dict = field(default_factory=lambda: {"epochs": 3})
     # clusters: one int for all sections or one per section; mode: "sectionwise"
     # (cluster one section at a time, retrain after each) or "uniform" (all at once);
-    # kd: distil from the uncompressed model while retraining.
+    # kd: distil from the uncompressed model while retraining; prune: share of
+    # each section's weights sent to a fixed zero centroid (one value or per section).
     compress: dict = field(
         default_factory=lambda: {
             "clusters": [32, 16, 8, 4],
@@ -134,6 +135,10 @@ def stage_compress(run: Run, teacher: torch.nn.Module) -> torch.nn.Module:
     model = copy.deepcopy(teacher)
     graph = capture(model, run.example)
     ks = cluster.per_section(ccfg["clusters"], graph.num_sections)
+    prune = ccfg.get("prune", 0.0)
+    prune = [float(prune)] * graph.num_sections if np.isscalar(prune) else list(prune)
+    if len(prune) != graph.num_sections:
+        raise ValueError(f"compress.prune needs {graph.num_sections} values (one per section)")
     order = (
         [list(range(graph.num_sections))]
         if ccfg.get("mode") == "uniform"
@@ -153,7 +158,11 @@ def stage_compress(run: Run, teacher: torch.nn.Module) -> torch.nn.Module:
     centroids = []
     for stage, sections in enumerate(order):
         for s in sections:
-            centroids.append(cluster.attach_codebook(model, graph, s, ks[s], seed=run.cfg.seed))
+            centroids.append(
+                cluster.attach_codebook(
+                    model, graph, s, ks[s], seed=run.cfg.seed, zero_fraction=prune[s]
+                )
+            )
         ckpt = run.path(f"compress_stage{stage}.pt")
         done = run.path(f"compress_stage{stage}.done")
         if os.path.exists(done):
