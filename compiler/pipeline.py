@@ -149,10 +149,12 @@ def stage_compress(run: Run, teacher: torch.nn.Module) -> torch.nn.Module:
         epochs=ccfg.get("epochs_per_section", 1),
         lr=ccfg.get("lr", 0.01),
         weight_decay=0.0,
+        # Batch size, temperature, etc. as in training unless the compress
+        # section overrides them.
         **{
             k: v
-            for k, v in run.cfg.train.items()
-            if k in ("batch_size", "max_steps_per_epoch", "temperature")
+            for k, v in {**run.cfg.train, **ccfg}.items()
+            if k in ("batch_size", "max_steps_per_epoch", "temperature", "kd_weight")
         },
     )
     centroids = []
