@@ -201,9 +201,17 @@ def attach_codebook(
     params = section_parameters(graph, model)[section]
     book = codebook_for(section, params, k, seed=seed, zero_fraction=zero_fraction)
     centroids = nn.Parameter(torch.from_numpy(book.centroids.copy()))
+    # d loss / d centroid is the SUM of its weights' gradients, which grows with
+    # the cluster's population (thousands of weights): at a normal learning rate
+    # that diverges. Divide by the population so a centroid moves like the mean
+    # of its weights would.
+    counts = np.zeros(len(book.centroids), np.float64)
+    for idx in book.indices.values():
+        counts += np.bincount(idx.ravel(), minlength=len(book.centroids))
+    scale = torch.from_numpy((1.0 / np.maximum(counts, 1.0)).astype(np.float32))
     if zero_fraction > 0:
-        frozen = torch.from_numpy(book.centroids == 0)
-        centroids.register_hook(lambda g: g.masked_fill(frozen, 0.0))
+        scale[torch.from_numpy(book.centroids == 0)] = 0.0  # pruned weights stay exactly 0
+    centroids.register_hook(lambda g: g * scale)
     modules = dict(model.named_modules())
     for name, _ in params:
         mod = modules[name.rsplit(".", 1)[0]]

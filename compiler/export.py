@@ -22,7 +22,7 @@ from torch import nn
 
 import escepe_rt
 from compiler import cluster
-from compiler.graph import Graph, IRNode, capture
+from compiler.graph import Graph, IRNode, UnsupportedOpError, capture
 from escepe_rt import format as fmt
 from escepe_rt import rans, verify
 from escepe_rt._fbs import (
@@ -167,7 +167,10 @@ def export(
         seed=seed,
     )
     blob, sections, meta = data
-    atomic_write(path, blob)
+    exact = all(r.exact for r in sections)
+    atomic_write(
+        path, blob, check=(lambda tmp: check_fidelity(model, example_input, tmp)) if exact else None
+    )
     return ExportReport(
         str(path),
         sections,
@@ -185,8 +188,35 @@ def zipped_size(blob: bytes, name: str = "model.escepe") -> int:
     return len(out.getvalue())
 
 
-def atomic_write(path: str | os.PathLike, blob: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it."""
+def check_fidelity(model: nn.Module, example_input: torch.Tensor, path: str, seed: int = 0) -> None:
+    """The file must reproduce the model's logits on a random input, exit by exit.
+
+    torch.fx records `y += z` as `y + z` and cannot see that an in-place op
+    changes a tensor another name still refers to; comparing outputs catches
+    such capture errors (and any other) before the file replaces anything.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, *example_input.shape[1:]), generator=gen)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = [o.float().numpy() for o in model(x)]
+    finally:
+        model.train(was_training)
+    got = escepe_rt.load(path).run_all_exits(x.numpy())
+    for e, (w, g) in enumerate(zip(want, got)):
+        err = float(np.abs(w - g).max())
+        if not err <= 1e-3 * max(1.0, float(np.abs(w).max())):
+            raise UnsupportedOpError(
+                f"the compiled file does not reproduce the model at exit {e} (max |diff| "
+                f"{err:.3g}): the graph capture missed something, e.g. an in-place op (`+=`, "
+                "inplace=True) on a tensor that another name or view still refers to"
+            )
+
+
+def atomic_write(path: str | os.PathLike, blob: bytes, check=None) -> None:
+    """Write to a temp file beside `path`, fsync, check(temp) if given, then rename over it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -195,6 +225,8 @@ def atomic_write(path: str | os.PathLike, blob: bytes) -> None:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -125,8 +125,23 @@ def _lower(gm: fx.GraphModule, model: nn.Module, input_shape) -> Graph:
         nodes[n.name] = IRNode(n.name, op, [src(a) for a in inputs], _shape(n), **kw)
         order.append(n.name)
         if _is_inplace(n, modules):
+            # Later readers see the rewritten value (handled by `rewritten`);
+            # a view taken EARLIER would too, which the graph cannot express.
+            source = n.args[0]
+            views = sorted(
+                u.name
+                for u in source.users
+                if u is not n and _is_view(u, modules) and position[u.name] < position[n.name]
+            )
+            if views:
+                raise _unsupported(
+                    n,
+                    f"in-place op on '{source.name}', of which {views} took a view "
+                    "before it; use the out-of-place form",
+                )
             rewritten[nodes[n.name].inputs[0]] = n.name
 
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             if alias:
@@ -250,9 +265,18 @@ def _flatten(n: fx.Node, add, alias, src, start: int, end: int) -> None:
         add(n, OpCode.FLATTEN, [n.args[0]])
 
 
+def _is_view(n: fx.Node, modules) -> bool:
+    """Ops whose output shares storage with their input (flatten, view, pass-through)."""
+    if n.op == "call_module":
+        return isinstance(modules[n.target], (nn.Flatten, *_PASS_THROUGH))
+    return n.target in (torch.flatten, torch.reshape, "flatten", "view", "reshape")
+
+
 def _is_inplace(n: fx.Node, modules) -> bool:
     if n.op == "call_module":
         return bool(getattr(modules[n.target], "inplace", False))
+    if n.target is operator.iadd:
+        return True
     return n.kwargs.get("inplace", False) or (isinstance(n.target, str) and n.target.endswith("_"))
 
 

@@ -616,12 +616,6 @@ class AliasedInplace(nn.Module):
         return [self.fc0(f), self.fc1(torch.flatten(y, 1))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compiler/graph.py _lower/_is_inplace: operator.iadd (`y += z`) is not treated as "
-    "in-place, and an in-place op does not rewrite earlier views (flatten) of its input, so "
-    "readers of the aliased tensor get the old value (file != torch, and no error)",
-)
 @pytest.mark.parametrize("case", ["iadd", "view"])
 def test_inplace_op_on_an_aliased_tensor_is_matched_or_rejected(case, tmp_path):
     torch.manual_seed(0)
