@@ -1,0 +1,47 @@
+"""predict() from many threads on one Model, and very large batches."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import escepe_rt
+
+GOLDEN = sorted((Path(__file__).resolve().parent / "golden").glob("tiny_v*.escepe"))[-1]
+
+
+def test_eight_threads_give_the_sequential_answers():
+    m = escepe_rt.load(GOLDEN, decode="lazy")  # lazy: threads race to decode sections too
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.normal(size=(int(rng.integers(1, 40)), 1, 8, 8)).astype(np.float32) for _ in range(64)
+    ]
+    sequential = [escepe_rt.load(GOLDEN).predict(b) for b in batches]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(m.predict, batches))
+    for s, t in zip(sequential, threaded):
+        np.testing.assert_array_equal(s.labels, t.labels)
+        np.testing.assert_array_equal(s.exit_index, t.exit_index)
+        np.testing.assert_array_equal(s.logits, t.logits)
+
+
+def test_batch_of_ten_thousand_equals_small_batches():
+    m = escepe_rt.load(GOLDEN)
+    x = np.random.default_rng(1).normal(size=(10_000, 1, 8, 8)).astype(np.float32)
+    big = m.predict(x)
+    parts = [m.predict(x[i : i + 97]) for i in range(0, len(x), 97)]
+    np.testing.assert_array_equal(big.labels, np.concatenate([p.labels for p in parts]))
+    np.testing.assert_array_equal(big.exit_index, np.concatenate([p.exit_index for p in parts]))
+    np.testing.assert_allclose(big.logits, np.concatenate([p.logits for p in parts]), atol=1e-5)
+
+
+def test_non_contiguous_input_gives_the_contiguous_answer():
+    m = escepe_rt.load(GOLDEN)
+    x = np.random.default_rng(2).normal(size=(6, 1, 8, 16)).astype(np.float32)
+    view = x[:, :, :, ::2]
+    assert not view.flags.c_contiguous
+    np.testing.assert_array_equal(
+        m.predict(view).logits, m.predict(np.ascontiguousarray(view)).logits
+    )
