@@ -16,6 +16,13 @@ DEFAULT_CONFIG = "configs/fashion_resnet18.json"
 
 def _cmd_pipeline(args) -> int:
     from compiler.pipeline import PipelineConfig, run_pipeline
+    from compiler.train import init_distributed, rank
+
+    if init_distributed() and rank() != 0:
+        raise SystemExit(
+            "escepe pipeline runs on one process; use `torchrun ... -m "
+            "compiler.cli train` for multi-process training"
+        )
 
     cfg = PipelineConfig.from_file(args.config) if args.config else PipelineConfig()
     results = run_pipeline(cfg, args.run_dir, args.output)
@@ -25,6 +32,10 @@ def _cmd_pipeline(args) -> int:
 
 def _stage(args, which: str) -> int:
     from compiler import pipeline as p
+    from compiler.train import init_distributed
+
+    if which == "train":
+        init_distributed()  # under torchrun: DistributedDataParallel, gloo on CPU
 
     cfg = p.PipelineConfig.from_file(args.config) if args.config else p.PipelineConfig()
     run = p.Run(cfg, args.run_dir)

@@ -92,6 +92,8 @@ class Run:
         )
 
     def loader(self, ds, train_mode: bool, batch_size: int, epoch: int = 0):
+        if train_mode and train.world_size() > 1:  # DDP: each rank trains on its own shard
+            ds = ds.subset(np.arange(train.rank(), len(ds), train.world_size()))
         return data.make_loader(
             ds, self.mean, self.std, batch_size, train=train_mode, seed=self.cfg.seed + epoch
         )
@@ -121,8 +123,11 @@ def stage_train(run: Run) -> torch.nn.Module:
     model = run.new_model()
     tcfg = train.TrainConfig(seed=run.cfg.seed, **run.cfg.train)
     hist = run.fit(model, tcfg, run.path("train_ckpt.pt"), desc="train")
-    _save_json(run.path("train_history.json"), hist.epochs)
-    export.atomic_write(run.path("trained.pt"), _state_bytes(model))
+    if train.rank() == 0:
+        _save_json(run.path("train_history.json"), hist.epochs)
+        export.atomic_write(run.path("trained.pt"), _state_bytes(model))
+    if train.is_distributed():
+        torch.distributed.barrier()  # the other ranks wait for trained.pt
     return model.eval()
 
 

@@ -56,6 +56,23 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_distributed() -> bool:
+    """Join the process group that `torchrun` describes in the environment, if any.
+
+    gloo on CPU (what the tests use), nccl when CUDA is available.
+    """
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    log.info("rank %d of %d (%s)", rank(), world_size(), backend)
+    return True
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
     """KL(teacher_T || student_T) * T^2, averaged over the batch."""
     return F.kl_div(
@@ -89,6 +106,18 @@ def self_distillation_loss(
         if cfg.hint_weight and features is not None and i < deepest:
             total = total + cfg.hint_weight * F.mse_loss(features[i], features[deepest].detach())
     return total
+
+
+@torch.no_grad()
+def _average_buffers(model: nn.Module) -> None:
+    """DDP keeps each rank's BN running stats from its own last batches: average them,
+    so that every rank (and the checkpoint) holds the same model."""
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= world_size()
+        else:
+            dist.broadcast(buf, 0)
 
 
 @torch.no_grad()
@@ -199,6 +228,8 @@ def fit(
             bar.update()
         bar.close()
         sched.step()
+        if is_distributed():
+            _average_buffers(model)
         metrics = evaluate(model, val_loader) if val_loader is not None else {}
         record = {
             "epoch": epoch + 1,

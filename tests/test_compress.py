@@ -181,3 +181,43 @@ def test_resume_continues_exactly(tmp_path):
     assert [h["epoch"] for h in hist.epochs] == [1, 2, 3]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_ddp_two_gloo_processes_end_with_identical_weights(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(root, "tests", "ddp_worker.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    start = _NetForDDPStart()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and training did move them
+    assert not torch.equal(a["conv.weight"], start["conv.weight"])
+
+
+def _NetForDDPStart():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "ddp_worker", os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    return mod.Net().state_dict()
