@@ -114,6 +114,26 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_warmup(args) -> int:
+    """Compile every kernel a model uses into numba's cache, so later processes start fast."""
+    import time
+
+    import numpy as np
+
+    import escepe_rt
+
+    t0 = time.perf_counter()
+    m = escepe_rt.load(args.file, decode="eager")
+    x = np.zeros((2, *m.input_shape), np.float32)
+    m.run_all_exits(x)
+    m.predict(x)
+    print(
+        f"{args.file}: kernels compiled and cached in {time.perf_counter() - t0:.2f} s "
+        "(set NUMBA_CACHE_DIR to a writable folder if the package folder is read-only)"
+    )
+    return 0
+
+
 def _cmd_verify(args) -> int:
     import escepe_rt
 
@@ -276,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
     p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser(
+        "warmup",
+        help="compile the runtime's kernels into numba's cache",
+        description=_cmd_warmup.__doc__,
+    )
+    p.add_argument("file")
+    p.set_defaults(fn=_cmd_warmup)
 
     p = sub.add_parser("verify", help="check a file; prints OK or what is wrong, exit 1 if bad")
     p.add_argument("file")
