@@ -179,7 +179,7 @@ def _cmd_calibrate(args) -> int:
     m = escepe_rt.load(args.file)
     macs = [e["macs"] for e in m.info["exits"]]
     outcome = calibrate.calibrate(
-        runtime_logits(args.file, val),
+        runtime_logits(m, val),
         val.labels,
         macs,
         m.policy,

@@ -190,10 +190,11 @@ def stage_compress(run: Run, teacher: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def runtime_logits(model_path: str, ds) -> list[np.ndarray]:
+def runtime_logits(model, ds) -> list[np.ndarray]:
+    """Every exit's logits for a dataset; `model` is an escepe_rt.Model or a file path."""
     import escepe_rt
 
-    m = escepe_rt.load(model_path, decode="eager")
+    m = escepe_rt.load(model, decode="eager") if isinstance(model, (str, os.PathLike)) else model
     return m.run_all_exits(m.preprocess(ds.images.transpose(0, 2, 3, 1)))
 
 
@@ -233,7 +234,7 @@ def evaluate_file(path: str, ds) -> dict:
     import escepe_rt
 
     m = escepe_rt.load(path)
-    logits = runtime_logits(path, ds)
+    logits = runtime_logits(m, ds)
     labels = ds.labels
     per_exit = [100.0 * float((np.argmax(lg, 1) == labels).mean()) for lg in logits]
     probs = np.mean([_softmax(lg) for lg in logits], axis=0)
