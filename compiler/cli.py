@@ -134,6 +134,21 @@ def _cmd_warmup(args) -> int:
     return 0
 
 
+def _cmd_export_onnx(args) -> int:
+    """Write the network of a .escepe file (weights decompressed) as fp32 ONNX for onnxruntime /
+    TensorRT. Default: every exit, one output each (exit0_logits, exit1_logits, ...)."""
+    import escepe_rt
+    from compiler.escepe_to_onnx import escepe_to_onnx
+
+    try:
+        names = escepe_to_onnx(args.file, args.output, exit=args.exit)
+    except (escepe_rt.FormatError, OSError, ValueError) as e:
+        print(f"{args.file}: cannot export: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: input 'input' (batch, C, H, W) float32, outputs {', '.join(names)}")
+    return 0
+
+
 def _cmd_verify(args) -> int:
     import escepe_rt
 
@@ -304,6 +319,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("file")
     p.set_defaults(fn=_cmd_warmup)
+
+    p = sub.add_parser(
+        "export-onnx",
+        help="write a .escepe file's network as fp32 ONNX (all exits by default)",
+        description=_cmd_export_onnx.__doc__,
+    )
+    p.add_argument("file", help="the .escepe file (verified as escepe_rt.load does)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write (atomically)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--exit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only exit N's logits (output exitN_logits) and the nodes it needs; "
+        "negative counts from the last exit",
+    )
+    which.add_argument(
+        "--all-exits",
+        action="store_true",
+        help="one output per exit, exit0_logits ... (the default)",
+    )
+    p.set_defaults(fn=_cmd_export_onnx)
 
     p = sub.add_parser("verify", help="check a file; prints OK or what is wrong, exit 1 if bad")
     p.add_argument("file")
