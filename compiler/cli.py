@@ -118,15 +118,10 @@ def _cmd_warmup(args) -> int:
     """Compile every kernel a model uses into numba's cache, so later processes start fast."""
     import time
 
-    import numpy as np
-
     import escepe_rt
 
     t0 = time.perf_counter()
-    m = escepe_rt.load(args.file, decode="eager")
-    x = np.zeros((2, *m.input_shape), np.float32)
-    m.run_all_exits(x)
-    m.predict(x)
+    escepe_rt.load(args.file, warmup=True)  # the one implementation: Model.warmup
     print(
         f"{args.file}: kernels compiled and cached in {time.perf_counter() - t0:.2f} s "
         "(set NUMBA_CACHE_DIR to a writable folder if the package folder is read-only)"

@@ -11,6 +11,7 @@ This package never imports torch or onnx.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ def load(
     threshold: float | Sequence[float] | None = None,
     decode: str = "lazy",
     policy: str | None = None,
+    warmup: bool = False,
 ) -> Model:
     """Open, verify and prepare a .escepe file.
 
@@ -36,6 +38,13 @@ def load(
     decode: "lazy" decodes a section's weights the first time a sample reaches
         it; "eager" decodes all of them now.
     policy: "max_softmax" or "entropy"; None uses the file's policy.
+    warmup: True runs a tiny dummy batch through every section now (Model.warmup), so that
+        every numba kernel the model uses is compiled, or loaded from numba's on-disk cache,
+        before the first real predict, which then pays no JIT. Lazy decoding keeps its
+        meaning: with decode="lazy" the warm-up decodes every section into a throwaway copy
+        and releases it, so `decoded_sections` is still [] afterwards and a section is decoded
+        (again) the first time a sample reaches it; peak memory during load is then that of
+        decode="eager". With decode="eager" the model's own decoded weights are used.
     """
     from escepe_rt import format as fmt
     from escepe_rt import verify
@@ -46,7 +55,10 @@ def load(
     verify.check_structure(buf)
     spec = fmt.parse(buf)
     verify.check_model(buf, spec)
-    return Model(spec, buf, threshold=threshold, decode=decode, policy=policy, path=str(path))
+    model = Model(spec, buf, threshold=threshold, decode=decode, policy=policy, path=str(path))
+    if warmup:
+        model.warmup()
+    return model
 
 
 class Model:
@@ -55,6 +67,8 @@ class Model:
     def __init__(self, spec, buf, threshold=None, decode="lazy", policy=None, path=""):
         self.spec = spec
         self.path = path
+        self._buf = buf
+        self._decode = decode
         self._executor = Executor(spec, buf, decode)
         self.thresholds = self._resolve_thresholds(threshold)
         if policy is None:
@@ -165,6 +179,26 @@ class Model:
 
     def confidence(self, logits: np.ndarray) -> np.ndarray:
         return confidence(logits, self.policy)
+
+    def warmup(self) -> float:
+        """Compile (or load from numba's cache) every kernel this model uses; returns seconds.
+
+        Runs zeros at batch 1 and 2 through every section, both as run_all_exits and as
+        predict with no early exit (thresholds above 1), with this model's policy. Every
+        section is decoded for that; with lazy decoding into a throwaway executor whose
+        weights are released on return, so decoded_sections does not change.
+        """
+        t0 = time.perf_counter()
+        if self._decode == "eager":
+            executor = self._executor
+        else:
+            executor = Executor(self.spec, self._buf, "lazy")
+        never = [2.0] * len(self.spec.exits)  # no confidence reaches 2: every section runs
+        for n in (1, 2):
+            x = _to_nhwc(np.zeros((n, *self.input_shape), np.float32))
+            executor.run_all_exits(x)
+            executor.predict(x, never, self.policy)
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ introspection
     @property
