@@ -32,6 +32,11 @@ def load(
 ) -> Model:
     """Open, verify and prepare a .escepe file.
 
+    Every byte is checked once, here, before any kernel touches it (escepe_rt.verify);
+    a bad file of any kind raises FormatError (a ValueError) naming the field and byte
+    offset. Inputs are checked at predict/run_all_exits: float32 NCHW of the model's
+    shape, all finite (a NaN or inf is a ValueError naming the first bad sample).
+
     threshold: one float for every exit, one per exit, or None for the
         calibrated thresholds stored in the file. 0 exits everything at the
         first exit; anything above 1 runs every sample to the last exit.
@@ -117,8 +122,14 @@ class Model:
         if x.dtype != np.float32:
             hint = " (use Model.preprocess for uint8 images)" if x.dtype == np.uint8 else ""
             raise ValueError(f"expected float32 input, got {x.dtype}{hint}")
-        if not np.isfinite(x).all():
-            raise ValueError("input holds NaN or inf; expected finite values")
+        for i in range(0, len(x), CHUNK):  # chunked: no N-sized temporary for big batches
+            finite = np.isfinite(x[i : i + CHUNK]).reshape(min(CHUNK, len(x) - i), -1).all(axis=1)
+            if not finite.all():
+                bad = i + int(np.argmin(finite))
+                raise ValueError(
+                    f"input sample {bad} holds NaN or inf; expected finite values (a non-finite "
+                    "input makes every exit's confidence meaningless, so no sample is answered)"
+                )
         return x
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
@@ -143,7 +154,14 @@ class Model:
 
     # ------------------------------------------------------------------ running
     def predict(self, x: np.ndarray) -> Prediction:
-        """Early-exit inference; results in input order. Big batches run in chunks."""
+        """Early-exit inference; results in input order. Big batches run in chunks.
+
+        x: float32 (N, C, H, W), any strides (N = 0 gives empty results). Anything else is
+        a ValueError saying what was expected: another shape or dtype, or a NaN/inf
+        anywhere in the batch (named by the first bad sample's index; the whole batch is
+        refused, since a non-finite input makes every exit's confidence meaningless).
+        Memory beyond x and the results is bounded by the chunk size, not by N.
+        """
         x = self._check_input(x)
         if len(x) == 0:
             k = self.num_classes
