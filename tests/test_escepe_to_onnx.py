@@ -114,6 +114,35 @@ def test_mobilenet_relu6_depthwise(tmp_path):
     _check_all_exits(path, tmp_path / "mb.onnx", n_exits)
 
 
+class DilatedCeilPool(torch.nn.Module):
+    """A dilated ceil-mode max pool whose implied tail padding (2) is not below its kernel (2):
+    too much for ORT's pool pads, so the exporter pads explicitly with -inf."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, 4, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2, stride=3, dilation=3, ceil_mode=True)
+        self.fc = torch.nn.Linear(4 * 5 * 5, 5)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))  # no ReLU first: padding must be -inf, not 0
+        return [self.fc(torch.flatten(x, 1))]
+
+
+def test_dilated_ceil_max_pool_pads_explicitly(tmp_path):
+    torch.manual_seed(0)
+    shape = (2, 14, 14)
+    model = DilatedCeilPool(2).eval()
+    path = _compile(model, shape, tmp_path / "d.escepe", None)
+    escepe_to_onnx(path, tmp_path / "d.onnx")
+    assert "Pad" in {n.op_type for n in onnx.load(tmp_path / "d.onnx").graph.node}
+    _check_all_exits(path, tmp_path / "d.onnx", 1)
+    x = _inputs(shape, 3)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x))[0].numpy()
+    _assert_close(escepe_rt.load(path).run_all_exits(x), [want])  # and both agree with torch
+
+
 def test_the_hard_ops_are_in_the_graph(tmp_path):
     """The pooling nets must exercise the non-trivial mappings, not only the plain ones."""
     ops = set()
