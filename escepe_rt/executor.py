@@ -40,13 +40,25 @@ def confidence(logits: np.ndarray, policy: int) -> np.ndarray:
 
 
 class Executor:
-    def __init__(self, spec: ModelSpec, buf, decode_mode: str = "lazy"):
+    """Decodes sections on demand and runs them as flat step lists built once per section.
+
+    A section's plan is a list of (kernel, input value ids, output value id) with every weight,
+    option and activation bound at decode time, so a predict call does no per-node option
+    parsing. With ``fuse`` (the default) a residual ADD whose one input is a convolution read
+    by nothing else is folded into that convolution's epilogue (``act(conv * scale + shift +
+    other)``); ``fuse=False`` runs every node on its own (the plain reference path the tests
+    compare against).
+    """
+
+    def __init__(self, spec: ModelSpec, buf, decode_mode: str = "lazy", fuse: bool = True):
         self.spec = spec
         self._buf = buf
         self._params: list[dict | None] = [None] * len(spec.sections)
+        self._plans: list[list | None] = [None] * len(spec.sections)
         self._decode_lock = threading.Lock()
         self.decoded_sections: set[int] = set()
-        self._live_after = self._live_values()
+        self._live_after = [sorted(v) for v in self._live_values()]
+        self._fused = _fusable_adds(spec) if fuse else {}
         if decode_mode == "eager":
             for s in range(len(spec.sections)):
                 self.section_params(s)
@@ -73,11 +85,21 @@ class Executor:
         params = self._params[s]
         if params is not None:
             return params
-        with self._decode_lock:
-            if self._params[s] is None:
-                self._params[s] = self._decode_section(s)
-                self.decoded_sections.add(s)
+        self._section_plan(s)
         return self._params[s]
+
+    def _section_plan(self, s: int) -> list:
+        plan = self._plans[s]
+        if plan is not None:
+            return plan
+        with self._decode_lock:
+            if self._plans[s] is None:
+                params = self._decode_section(s)
+                plan = self._build_plan(s, params)
+                self._params[s] = params
+                self._plans[s] = plan  # published last: a reader seeing it sees params too
+                self.decoded_sections.add(s)
+        return self._plans[s]
 
     def _decode_section(self, s: int) -> dict:
         begin, end = self.spec.sections[s]
@@ -100,6 +122,24 @@ class Executor:
     def _vector(self, index: int):
         return None if index < 0 else np.ascontiguousarray(self.tensor(index), dtype=np.float32)
 
+    def _build_plan(self, s: int, params: dict) -> list:
+        """[(kernel, input value ids, output value id, node index)] for section s."""
+        begin, end = self.spec.sections[s]
+        skip = {j for j, _ in self._fused.values()}
+        plan = []
+        for i in range(begin, end):
+            if i in skip:
+                continue
+            node = self.spec.nodes[i]
+            if i in self._fused:
+                j, other = self._fused[i]
+                add = self.spec.nodes[j]
+                fn = _conv_step(node, params[i], add.activation)
+                plan.append((fn, (node.inputs[0], other), add.output, i))
+            else:
+                plan.append((_node_step(node, params[i]), node.inputs, node.output, i))
+        return plan
+
     # ------------------------------------------------------------------ graph
     def _live_values(self) -> list[set[int]]:
         """For each section s, the values produced up to s that later sections read."""
@@ -113,15 +153,17 @@ class Executor:
             live.append(produced & later_inputs)
         return live
 
-    def run_section(self, s: int, env: dict[int, np.ndarray]) -> None:
-        params = self.section_params(s)
-        begin, end = self.spec.sections[s]
-        for i in range(begin, end):
-            node = self.spec.nodes[i]
-            env[node.output] = _run_node(node, params[i], [env[v] for v in node.inputs])
+    def run_section(self, s: int, env: list) -> None:
+        for fn, ins, out, _ in self._section_plan(s):
+            env[out] = fn(*[env[v] for v in ins])
+
+    def _env(self, x_nhwc: np.ndarray) -> list:
+        env = [None] * len(self.spec.values)
+        env[0] = x_nhwc
+        return env
 
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
-        env = {0: x_nhwc}
+        env = self._env(x_nhwc)
         out = []
         for s, ex in enumerate(self.spec.exits):
             self.run_section(s, env)
@@ -136,24 +178,99 @@ class Executor:
         conf_out = np.empty(n, np.float32)
         logits_out = np.empty((n, k), np.float32)
         active = np.arange(n)  # rows of the original batch still running
-        env = {0: x_nhwc}
+        env = self._env(x_nhwc)
         last = len(self.spec.exits) - 1
         for s, ex in enumerate(self.spec.exits):
             self.run_section(s, env)
             logits = env[ex.logits]
             conf = confidence(logits, policy)
-            done = np.ones(len(active), bool) if s == last else conf >= thresholds[s]
+            if s == last:
+                done_all = True
+            else:
+                done = conf >= thresholds[s]
+                done_all = bool(done.all())
+            if done_all:  # every remaining sample answers here: no row selection
+                labels[active] = np.argmax(logits, axis=1)
+                exit_index[active] = s
+                conf_out[active] = conf
+                logits_out[active] = logits
+                break
             rows = active[done]
             labels[rows] = np.argmax(logits[done], axis=1)
             exit_index[rows] = s
             conf_out[rows] = conf[done]
             logits_out[rows] = logits[done]
-            if s == last or done.all():
-                break
             keep = ~done
             active = active[keep]
-            env = {v: env[v][keep] for v in self._live_after[s]}
+            kept = self._env(None)
+            for v in self._live_after[s]:
+                kept[v] = env[v][keep]
+            env = kept
         return Prediction(labels, exit_index, conf_out, logits_out)
+
+
+def _fusable_adds(spec: ModelSpec) -> dict[int, tuple[int, int]]:
+    """{conv node i: (add node j, other input value)} for residual adds that can run as conv i's
+    epilogue: the conv has no activation of its own, the add is its output's only reader (no
+    exit, no later node), and the add's other input exists when the conv runs (it is produced
+    by an earlier node, or is the model input). Of two candidate convs, the later one."""
+    nodes = spec.nodes
+    readers: dict[int, int] = {}
+    for n in nodes:
+        for v in n.inputs:
+            readers[v] = readers.get(v, 0) + 1
+    for e in spec.exits:
+        readers[e.logits] = readers.get(e.logits, 0) + 1
+    producer = {n.output: i for i, n in enumerate(nodes)}
+    fused = {}
+    for j, add in enumerate(nodes):
+        if add.op != OpCode.ADD or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
+            continue
+        best = None
+        for k in (0, 1):
+            v, other = add.inputs[k], add.inputs[1 - k]
+            i = producer.get(v)
+            if i is None or i in fused:
+                continue
+            conv = nodes[i]
+            if (
+                conv.op != OpCode.CONV2D
+                or conv.options["conv"]["groups"] != 1
+                or conv.activation != kernels.ACT_NONE
+                or conv.section != add.section
+                or readers.get(v) != 1
+                or producer.get(other, -1) >= i
+                or spec.values[v].shape != spec.values[other].shape
+            ):
+                continue
+            if best is None or i > best[0]:
+                best = (i, other)
+        if best is not None:
+            fused[best[0]] = (j, best[1])
+    return fused
+
+
+def _conv_step(node, p: dict, activation: int):
+    o = node.options["conv"]
+    return kernels.make_conv(
+        p["weight"],
+        p["scale"],
+        p["shift"],
+        tuple(o["stride"]),
+        tuple(o["padding"]),
+        tuple(o["dilation"]),
+        activation,
+    )
+
+
+def _node_step(node, p: dict):
+    """A callable running one node on its input arrays, everything else bound now."""
+    op, act = node.op, node.activation
+    if op == OpCode.CONV2D:
+        return _conv_step(node, p, act)
+    if op == OpCode.CONCAT:
+        return lambda *xs: _act(kernels.concat_channels(list(xs)), act)
+    return lambda *xs: _run_node(node, p, list(xs))
 
 
 def _run_node(node, p: dict, xs: list[np.ndarray]) -> np.ndarray:

@@ -220,6 +220,81 @@ def test_conv2d_non_contiguous_input_and_reuse():
         assert_close(out, ref)
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("k,stride,padding", [((3, 3), 1, 1), ((1, 1), 1, 0), ((1, 1), 2, 0)])
+@pytest.mark.parametrize("block_bytes", [None, 1000])
+def test_conv2d_fused_residual_matches_torch(act, k, stride, padding, block_bytes, monkeypatch):
+    """act(bn(conv(x)) + residual): the epilogue the executor fuses a residual ADD into; with a
+    tiny COL_BLOCK_BYTES the im2col/sgemm/epilogue run in many row blocks."""
+    if block_bytes is not None:
+        monkeypatch.setattr(K, "COL_BLOCK_BYTES", block_bytes)
+    rng = _seeded(act * 10 + k[0] + stride)
+    n, cin, cout = 3, 5, 7
+    x = rng.standard_normal((n, 9, 11, cin), dtype=np.float32)
+    w = rng.standard_normal((cout, cin, *k), dtype=np.float32) * 0.5
+    scale = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+    shift = rng.standard_normal(cout, dtype=np.float32)
+    conv = F.conv2d(nhwc_to_nchw(x), torch.from_numpy(w), stride=stride, padding=padding)
+    res = rng.standard_normal(tuple(conv.permute(0, 2, 3, 1).shape), dtype=np.float32)
+    ref = conv * torch.from_numpy(scale).reshape(1, -1, 1, 1)
+    ref = ref + torch.from_numpy(shift).reshape(1, -1, 1, 1) + nhwc_to_nchw(res)
+    ref = nchw_to_nhwc(torch_act(ref, act))
+    cw = K.prepare_conv_weight(w, 1)
+    got = K.conv2d(x, cw, scale, shift, (stride,) * 2, (padding,) * 2, (1, 1), act, residual=res)
+    assert_close(got, ref)
+    # the plain path: conv, then a separate add + activation
+    plain = K.add(K.conv2d(x, cw, scale, shift, stride, padding, 1, K.ACT_NONE), res, act)
+    assert_close(got, plain, tol=1e-6)
+
+
+def test_conv2d_blocks_equal_one_block(monkeypatch):
+    rng = _seeded(21)
+    x = rng.standard_normal((4, 13, 10, 6), dtype=np.float32)
+    cw = K.prepare_conv_weight(rng.standard_normal((8, 6, 3, 3), dtype=np.float32), 1)
+    one = K.conv2d(x, cw, None, None, (1, 1), (1, 1), (1, 1), K.ACT_RELU)
+    for block_bytes in (4 * 54, 4 * 54 * 7, 4 * 54 * 130):  # 1, 7 and 130 rows per block
+        monkeypatch.setattr(K, "COL_BLOCK_BYTES", block_bytes)
+        got = K.conv2d(x, cw, None, None, (1, 1), (1, 1), (1, 1), K.ACT_RELU)
+        assert_close(got, one, tol=1e-6)  # BLAS may sum in another order for another M
+
+
+def test_make_conv_reuses_validation_across_shapes():
+    rng = _seeded(22)
+    w = rng.standard_normal((4, 3, 3, 3), dtype=np.float32)
+    cw = K.prepare_conv_weight(w, 1)
+    run = K.make_conv(cw, None, None, (2, 2), (1, 1), (1, 1), K.ACT_NONE)
+    for shape in [(1, 8, 8, 3), (5, 7, 9, 3), (2, 8, 8, 3)]:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        ref = F.conv2d(nhwc_to_nchw(x), torch.from_numpy(w), stride=2, padding=1)
+        assert_close(run(x), nchw_to_nhwc(ref))
+    with pytest.raises(ValueError):
+        run(np.zeros((1, 8, 8, 3), np.float32), residual=np.zeros((1, 8, 8, 4), np.float32))
+    dw = K.make_conv(K.prepare_conv_weight(w[:3, :1], 3), None, None, 1, 1, 1, K.ACT_NONE)
+    with pytest.raises(ValueError):  # a residual is fused into ungrouped convs only
+        dw(np.zeros((1, 8, 8, 3), np.float32), residual=np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_fused_executor_equals_plain_executor():
+    """The executor's plan (residual adds folded into convs) against one step per node."""
+    from pathlib import Path
+
+    import escepe_rt
+    from escepe_rt.executor import Executor
+
+    m = escepe_rt.load(Path(__file__).resolve().parent.parent / "examples/fashion_resnet18.escepe")
+    fused = Executor(m.spec, m._buf, "lazy")
+    plain = Executor(m.spec, m._buf, "lazy", fuse=False)
+    assert len(fused._fused) > 0  # the shipped ResNet-18 has residual adds to fold
+    x = _seeded(23).standard_normal((6, *m.input_shape), dtype=np.float32)
+    xh = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    for a, b in zip(fused.run_all_exits(xh), plain.run_all_exits(xh)):
+        assert_close(a, b, tol=1e-6)
+    pa = fused.predict(xh, [0.6] * len(m.spec.exits), m.policy)
+    pb = plain.predict(xh, [0.6] * len(m.spec.exits), m.policy)
+    np.testing.assert_array_equal(pa.exit_index, pb.exit_index)
+    assert_close(pa.logits, pb.logits, tol=1e-6)
+
+
 def test_conv2d_rejects_bad_input():
     cw = K.prepare_conv_weight(np.ones((4, 3, 3, 3), np.float32), 1)
     with pytest.raises(ValueError):
