@@ -6,7 +6,9 @@ PyTorch. A sample that exits leaves the batch: later sections never compute it.
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,10 @@ from escepe_rt.format import ModelSpec, buffer_bytes
 # Samples per chunk: bounds peak memory for big batches (activations of the
 # widest layer x CHUNK), large enough that sgemm stays efficient.
 CHUNK = 256
+# Threads that decode one section's weight tensors in parallel (lazy decode is on the path of
+# the first sample that reaches a section).
+DECODE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+PARALLEL_DECODE_MIN = 1 << 20  # weights in a section; below it a thread pool costs more
 POLICIES = {"max_softmax": ExitPolicy.MAX_SOFTMAX, "entropy": ExitPolicy.ENTROPY}
 
 
@@ -103,6 +109,16 @@ class Executor:
 
     def _decode_section(self, s: int) -> dict:
         begin, end = self.spec.sections[s]
+        weights = [i for i in range(begin, end) if self.spec.nodes[i].op in _WEIGHTED]
+        prepared = {}
+        count = sum(self.spec.tensors[self.spec.nodes[i].weight].count for i in weights)
+        if len(weights) > 1 and DECODE_THREADS > 1 and count >= PARALLEL_DECODE_MIN:
+            # The decode kernels release the GIL: a section's tensors decode side by side
+            # (the rANS streams are sequential within a tensor, independent across tensors).
+            with ThreadPoolExecutor(min(DECODE_THREADS, len(weights))) as pool:
+                prepared = dict(zip(weights, pool.map(self._prepared_weight, weights)))
+        else:
+            prepared = {i: self._prepared_weight(i) for i in weights}
         out = {}
         for i in range(begin, end):
             node = self.spec.nodes[i]
@@ -110,14 +126,17 @@ class Executor:
                 "scale": self._vector(node.scale),
                 "shift": self._vector(node.shift),
             }
-            if node.op == OpCode.CONV2D:
-                p["weight"] = kernels.prepare_conv_weight(
-                    self.tensor(node.weight), node.options["conv"]["groups"]
-                )
-            elif node.op == OpCode.LINEAR:
-                p["weight"] = kernels.prepare_linear_weight(self.tensor(node.weight))
+            if i in prepared:
+                p["weight"] = prepared[i]
             out[i] = p
         return out
+
+    def _prepared_weight(self, i: int):
+        node = self.spec.nodes[i]
+        if node.op == OpCode.CONV2D:
+            groups = node.options["conv"]["groups"]
+            return kernels.prepare_conv_weight(self.tensor(node.weight), groups)
+        return kernels.prepare_linear_weight(self.tensor(node.weight))
 
     def _vector(self, index: int):
         return None if index < 0 else np.ascontiguousarray(self.tensor(index), dtype=np.float32)
@@ -207,6 +226,9 @@ class Executor:
                 kept[v] = env[v][keep]
             env = kept
         return Prediction(labels, exit_index, conf_out, logits_out)
+
+
+_WEIGHTED = (OpCode.CONV2D, OpCode.LINEAR)
 
 
 def _fusable_adds(spec: ModelSpec) -> dict[int, tuple[int, int]]:
