@@ -238,3 +238,80 @@ def test_harness_reports_crashes_and_hangs_with_the_mutation(bases):
     assert "Segmentation fault" in results[1]["stderr"]  # faulthandler's trace of the worker
     report = fuzz.summarize(cases, results)
     assert [b["case"] for b in report["bugs"]] == [cases[1], cases[3]]
+
+
+# ------------------------------------------------------------------------------ regressions
+
+
+def _sealed(build) -> bytes:
+    """Finish a flatbuffers Builder as a .escepe file with a correct CRC."""
+    import zlib
+
+    from escepe_rt import format as fmt
+
+    blob = bytearray(build.Output())
+    pos = fmt.checksum_position(blob)
+    blob[pos : pos + 4] = bytes(4)
+    blob[pos : pos + 4] = zlib.crc32(blob).to_bytes(4, "little")
+    return bytes(blob)
+
+
+def _shared_offsets_file(kind: str, refs: int, length: int) -> bytes:
+    """A Model whose labels (or metadata) vector holds `refs` offsets to ONE long string
+    (or one KeyValue table holding it): tiny on disk, refs x length bytes once parsed."""
+    import flatbuffers
+
+    from escepe_rt import format as fmt
+    from escepe_rt._fbs import KeyValue, Model
+
+    b = flatbuffers.Builder(0)
+    s = b.CreateString("x" * length)
+    if kind == "metadata":
+        KeyValue.Start(b)
+        KeyValue.AddKey(b, s)
+        KeyValue.AddValue(b, s)
+        s = KeyValue.End(b)
+    b.StartVector(4, refs, 4)
+    for _ in range(refs):
+        b.PrependUOffsetTRelative(s)
+    vec = b.EndVector()
+    Model.Start(b)
+    Model.AddSchemaMajor(b, fmt.SCHEMA_MAJOR)
+    Model.AddChecksumCrc32(b, 1)
+    (Model.AddLabels if kind == "labels" else Model.AddMetadata)(b, vec)
+    b.Finish(Model.End(b), file_identifier=fmt.FILE_IDENTIFIER)
+    return _sealed(b)
+
+
+@pytest.mark.parametrize("kind", ["labels", "metadata"])
+def test_shared_offsets_cannot_expand_a_small_file(kind, tmp_path):
+    """Found by review, not by the fuzzer (which never forges new sharing): 20,000 labels
+    pointing at one 200 kB string made parse() build 4 GB of strings from a 280 kB file
+    (MemoryError under a 3 GB limit). The structural walk now charges every table, vector
+    and string each time it is reached and refuses more than 8x the file's size."""
+    import escepe_rt
+    from escepe_rt import verify
+    from escepe_rt.errors import FormatError
+
+    refs, length = 3000, 30000
+    blob = _shared_offsets_file(kind, refs, length)
+    assert refs * length > 50 * len(blob)  # what parse would have built
+    with pytest.raises(FormatError, match="expand when read") as e:
+        verify.check_structure(blob)
+    assert e.value.field.startswith(f"{kind}[") and e.value.offset is not None
+    path = tmp_path / "bomb.escepe"
+    path.write_bytes(blob)
+    with pytest.raises(FormatError, match="expand when read"):
+        escepe_rt.load(path)
+
+
+def test_real_files_are_far_below_the_read_budget(blobs):
+    """Writers share only small vectors and tables (1.2 dedupes shapes and options)."""
+    from escepe_rt import verify
+
+    shipped = ROOT / "examples" / "fashion_resnet18.escepe"
+    files = dict(blobs, shipped=shipped.read_bytes()) if shipped.exists() else dict(blobs)
+    for name, blob in files.items():
+        walker = verify._Walker(blob)
+        walker.table(struct.unpack_from("<I", blob, 0)[0], "Model", "")
+        assert walker.reached <= 1.5 * len(blob) < walker.budget, (name, walker.reached)

@@ -65,6 +65,8 @@ class FileMap:
     u8: list[int] = field(default_factory=list)  # 1-byte scalars (enums, bits, bools)
     offsets: list[int] = field(default_factory=list)  # uoffset fields (swappable)
     lengths: list[int] = field(default_factory=list)  # vector / string lengths
+    elems: list[tuple[int, int]] = field(default_factory=list)  # (pos, width) of integer
+    # vector elements: shapes, kernel/stride/padding, node inputs (not buffer data bytes)
     boundaries: list[int] = field(default_factory=list)  # starts/ends of tables and vectors
     end: int = 0  # one past the last byte of any table, vtable or vector (padding follows)
 
@@ -75,6 +77,7 @@ class FileMap:
             [(p, 4) for p in self.u32 + self.i32]
             + [(p, 2) for p in self.u16]
             + [(p, 1) for p in self.u8]
+            + self.elems
         )
 
 
@@ -124,6 +127,8 @@ def file_map(blob: bytes) -> FileMap:
         elem = "B" if ftype == "str" else ftype[1:-1]
         width = 4 if elem == "str" or elem.startswith("T:") else struct.calcsize("<" + elem)
         bounds.update((target, target + 4, target + 4 + n * width))
+        if elem in ("I", "i", "H", "h"):
+            fm.elems.extend((target + 4 + width * j, width) for j in range(min(n, 64)))
         if elem == "str" or elem.startswith("T:"):
             for j in range(n):
                 at = target + 4 + 4 * j
@@ -136,7 +141,7 @@ def file_map(blob: bytes) -> FileMap:
     table(u32(0), "Model")
     fm.end = max(b for b in bounds - {len(blob)} if b <= len(blob))
     fm.boundaries = sorted(b for b in bounds if 0 <= b <= len(blob))
-    for name in ("u32", "i32", "u16", "u8", "offsets", "lengths"):
+    for name in ("u32", "i32", "u16", "u8", "offsets", "lengths", "elems"):
         setattr(fm, name, sorted(set(getattr(fm, name))))
     return fm
 
@@ -217,8 +222,11 @@ def random_mutation(rng: random.Random, blob: bytes, fm: FileMap) -> list:
     if r < 0.80:
         pool, width = rng.choice(
             [(fm.offsets, 4), (fm.lengths, 4), (fm.u32, 4), (fm.i32, 4), (fm.u16, 2), (fm.u8, 1)]
+            + [(fm.elems, 0)] * 2
         )
         pos = rng.choice(pool)
+        if not width:
+            pos, width = pos
         orig = int.from_bytes(blob[pos : pos + width], "little")
         return ["int", pos, width, rng.choice(edge_values(size, orig, width))]
     if r < 0.92 and len(fm.offsets) > 1:
