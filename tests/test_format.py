@@ -365,7 +365,13 @@ def test_flatc_reads_exported_file(tmp_path):
     assert [t["encoding"] != "RAW_F32" for t in doc["tensors"]].count(True) == 4
     for jt, t in zip(doc["tensors"], spec.tensors):
         assert tuple(jt["shape"]) == t.shape and jt["bits"] == t.bits
-        assert len(doc["buffers"][jt["buffer"]]["data"]) == spec.buffers[t.buffer][1]
+        jb = doc["buffers"][jt["buffer"]]
+        if jb["view_of"] >= 0:  # 1.2: a view into its section's shared data buffer
+            assert jb["offset"] % 4 == 0 and "data" not in jb
+            assert jb["offset"] + jb["size"] <= len(doc["buffers"][jb["view_of"]]["data"])
+            assert jb["size"] == spec.buffers[t.buffer][1]
+        else:
+            assert len(jb["data"]) == spec.buffers[t.buffer][1]
 
 
 @needs_flatc
@@ -425,8 +431,11 @@ def test_golden_file_header(golden):
     for t in spec.tensors:
         if t.encoding == Encoding.PACKED_INDICES:
             assert t.bits == index_bits(len(spec.codebooks[t.codebook][1]))
-    for offset, _ in spec.buffers:
-        assert offset % fmt.BUFFER_ALIGNMENT == 0
+    for (offset, _), (view_of, _, _) in zip(spec.buffers, spec.buffer_views):
+        # data buffers are 64-byte aligned; 1.2 views 4-byte aligned inside them
+        assert offset % (fmt.BUFFER_ALIGNMENT if view_of == -1 else 4) == 0
+    if spec.schema_version >= (1, 2):
+        assert any(v != -1 for v, _, _ in spec.buffer_views)  # the golden file has views
 
 
 def test_golden_input_is_reproducible(golden_input):
@@ -734,6 +743,63 @@ def test_tensor_shape_disagrees_with_buffer(tmp_path, golden):
     err = _refused(tmp_path, _seal(blob))
     _assert_names_field(err, "tensors[0]")
     assert "needs" in str(err)
+
+
+def _first_view(spec) -> int:
+    views = [i for i, (v, _, _) in enumerate(spec.buffer_views) if v != -1]
+    if not views:
+        pytest.skip("this golden file has no buffer views (before 1.2)")
+    return views[0]
+
+
+# Buffer views (1.2): (field patched, value from (spec, view index, data length), field named)
+VIEW_CASES = {
+    "view_of out of range": ("ViewOf", "i", lambda spec, i, n: 99, "view_of"),
+    "view_of below -1": ("ViewOf", "i", lambda spec, i, n: -2, "view_of"),
+    "view of a view": ("ViewOf", "i", lambda spec, i, n: i, "view_of"),
+    "offset not 4-aligned": ("Offset", "I", lambda spec, i, n: 2, "offset"),
+    "offset past the data": ("Offset", "I", lambda spec, i, n: n + 4, "offset"),
+    "offset huge": ("Offset", "I", lambda spec, i, n: 0xFFFFFFFC, "offset"),
+    "size past the data": ("Size", "I", lambda spec, i, n: n + 1, "size"),
+    "size huge": ("Size", "I", lambda spec, i, n: 0xFFFFFFFF, "size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIEW_CASES))
+def test_bad_buffer_view(tmp_path, golden, case):
+    accessor, code, value, field = VIEW_CASES[case]
+    spec = fmt.parse(golden)
+    i = _first_view(spec)
+    parent = spec.buffer_views[i][0]
+    blob = bytearray(golden)
+    obj = FbBuffer()
+    obj.Init(blob, _model(blob).Buffers(i)._tab.Pos)
+    patched = _patch_scalar(blob, obj, accessor, code, value(spec, i, spec.raw_buffers[parent][1]))
+    err = _refused(tmp_path, patched)
+    _assert_names_field(err, f"buffers[{i}].{field}")
+    assert err.offset is not None
+
+
+def test_view_holding_data_is_refused(tmp_path, golden):
+    """A buffer that is both a view and a data buffer: ambiguous, refused."""
+    spec = fmt.parse(golden)
+    i = _first_view(spec)
+    blob = bytearray(golden)
+    obj = FbBuffer()
+    obj.Init(blob, _model(blob).Buffers(0)._tab.Pos)  # data buffer 0 made a view of itself+1
+    patched = _patch_scalar(blob, obj, "ViewOf", "i", i)
+    _assert_names_field(_refused(tmp_path, patched), "buffers[0].view_of")
+
+
+def test_views_resolve_inside_their_data_buffer(golden):
+    spec = fmt.parse(golden)
+    _first_view(spec)
+    for i, (view_of, offset, size) in enumerate(spec.buffer_views):
+        if view_of == -1:
+            continue
+        start, length = spec.raw_buffers[view_of]
+        assert spec.buffers[i] == (start + offset, size) and offset + size <= length
+        assert spec.raw_buffers[i][1] == 0
 
 
 def test_misaligned_buffer(tmp_path, golden):

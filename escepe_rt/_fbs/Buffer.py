@@ -56,8 +56,29 @@ class Buffer(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
         return o == 0
 
+    # Buffer
+    def ViewOf(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
+    # Buffer
+    def Offset(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+    # Buffer
+    def Size(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
 def BufferStart(builder):
-    builder.StartObject(1)
+    builder.StartObject(4)
 
 def Start(builder):
     BufferStart(builder)
@@ -73,6 +94,24 @@ def BufferStartDataVector(builder, numElems):
 
 def StartDataVector(builder, numElems):
     return BufferStartDataVector(builder, numElems)
+
+def BufferAddViewOf(builder, viewOf):
+    builder.PrependInt32Slot(1, viewOf, -1)
+
+def AddViewOf(builder, viewOf):
+    BufferAddViewOf(builder, viewOf)
+
+def BufferAddOffset(builder, offset):
+    builder.PrependUint32Slot(2, offset, 0)
+
+def AddOffset(builder, offset):
+    BufferAddOffset(builder, offset)
+
+def BufferAddSize(builder, size):
+    builder.PrependUint32Slot(3, size, 0)
+
+def AddSize(builder, size):
+    BufferAddSize(builder, size)
 
 def BufferEnd(builder):
     return builder.EndObject()
