@@ -41,6 +41,7 @@ from escepe_rt.format import (
 # ask for a huge allocation per sample. 2**26 floats = 256 MiB per sample.
 MAX_VALUE_ELEMENTS = 1 << 26
 MAX_FILE_BYTES = (1 << 31) - 1  # flatbuffers' 32-bit offsets
+READ_BUDGET = 8  # reached tables + vectors + strings <= 8 x file size (see _Walker)
 
 # Field types: scalar struct codes, "str", "[x]" vectors of scalars, "[str]",
 # "T:Name" tables and "[T:Name]" vectors of tables. Order = schema order.
@@ -119,6 +120,25 @@ class _Walker:
     def __init__(self, buf):
         self.buf = buf
         self.size = len(buf)
+        # Bytes of tables, vectors and strings reached so far, counted each time they are
+        # reached. Writers share only small things (vtables, which are not counted; since
+        # 1.2 identical shape/option vectors and tables), so more than READ_BUDGET x the
+        # file means shared offsets that would make parse() expand a small file into a
+        # huge one (a quadratic "bomb"), e.g. 20,000 labels that all point at one 200 kB
+        # string: 4 GB of Python strings from a 280 kB file.
+        self.reached = 0
+        self.budget = READ_BUDGET * self.size + 4096
+
+    def _reach(self, n: int, path: str, pos: int) -> None:
+        self.reached += n
+        if self.reached > self.budget:
+            raise FormatError(
+                f"tables, vectors and strings reached from the root add up to more than "
+                f"{READ_BUDGET}x the file's {self.size} bytes: offsets are shared to make the "
+                "file expand when read",
+                field=path,
+                offset=pos,
+            )
 
     def _u32(self, pos: int, path: str) -> int:
         self._need(pos, 4, path, 4)
@@ -146,6 +166,7 @@ class _Walker:
         if obj_size < 4:
             raise FormatError(f"bad table size {obj_size}", field=here, offset=pos)
         self._need(pos, obj_size, here)
+        self._reach(obj_size, here, pos)
         n_slots = (vt_size - 4) // 2
         for i, (name, ftype) in enumerate(LAYOUT[kind]):
             if i >= n_slots:
@@ -172,6 +193,7 @@ class _Walker:
         data = target + 4
         if ftype == "str":
             self._need(data, n + 1, path)
+            self._reach(4 + n, path, target)
             try:
                 bytes(self.buf[data : data + n]).decode("utf-8")
             except UnicodeDecodeError as e:
@@ -188,6 +210,7 @@ class _Walker:
                 offset=target,
             )
         self._need(data, n * width, path, min(width, 4))
+        self._reach(4 + n * width, path, target)
         if (kind, name) in ALIGNED_VECTORS and data % BUFFER_ALIGNMENT:
             raise FormatError(
                 f"buffer data is not {BUFFER_ALIGNMENT}-byte aligned", field=path, offset=data
