@@ -42,6 +42,9 @@ from escepe_rt.format import (
 MAX_VALUE_ELEMENTS = 1 << 26
 MAX_FILE_BYTES = (1 << 31) - 1  # flatbuffers' 32-bit offsets
 READ_BUDGET = 8  # reached tables + vectors + strings <= 8 x file size (see _Walker)
+# Decoded (index-coded) weights per byte of file: 1024 is 0.008 bits per weight, far below
+# any real clustered model (a few bits; well under 1 with rANS over a pruned zero cluster).
+MAX_DECODED_PER_BYTE = 1024
 
 # Field types: scalar struct codes, "str", "[x]" vectors of scalars, "[str]",
 # "T:Name" tables and "[T:Name]" vectors of tables. Order = schema order.
@@ -498,6 +501,18 @@ def _check_tensors(buf, spec: ModelSpec) -> None:
             data = np.frombuffer(buf, dtype="<f4", count=t.count, offset=offset)
             if not np.all(np.isfinite(data)):
                 _fail("raw float32 tensor holds NaN or inf", path, offset)
+    # Raw tensors are views of the file; index-coded ones are decoded to float32. Packed
+    # indices take >= 1 bit each, but an rANS index can cost ~0 bits (a one-symbol or very
+    # skewed codebook), so without this a 576-byte file declared 2^28 weights and took
+    # 2.2 GB at its first predict.
+    decoded = sum(t.count for t in spec.tensors if t.encoding != Encoding.RAW_F32)
+    if decoded > MAX_DECODED_PER_BYTE * len(buf):
+        _fail(
+            f"index-coded tensors declare {decoded} weights in all, more than "
+            f"{MAX_DECODED_PER_BYTE} per byte of this {len(buf)}-byte file: a small file must "
+            "not ask for a huge allocation",
+            "tensors",
+        )
 
 
 def _check_rans(data: np.ndarray, t, k: int, path: str, offset: int) -> None:

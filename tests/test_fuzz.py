@@ -28,6 +28,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -315,3 +316,142 @@ def test_real_files_are_far_below_the_read_budget(blobs):
         walker = verify._Walker(blob)
         walker.table(struct.unpack_from("<I", blob, 0)[0], "Model", "")
         assert walker.reached <= 1.5 * len(blob) < walker.budget, (name, walker.reached)
+
+
+def _rans_bomb(out_features: int, side: int = 128) -> bytes:
+    """A valid-looking model: input (1, side, side) -> FLATTEN -> LINEAR(side^2 -> out) whose
+    weight is an rANS stream of a one-symbol codebook: every index costs 0 bits, so the
+    ~20-byte stream declares out x side^2 weights. About 1 kB on disk."""
+    import flatbuffers
+
+    from escepe_rt import format as fmt
+    from escepe_rt import rans
+    from escepe_rt._fbs import (
+        Buffer,
+        Codebook,
+        Exit,
+        InputSpec,
+        Model,
+        Node,
+        Section,
+        Tensor,
+        Value,
+    )
+    from escepe_rt._fbs.Encoding import Encoding
+    from escepe_rt._fbs.OpCode import OpCode
+
+    n_in = side * side
+    count = out_features * n_in
+    b = flatbuffers.Builder(1024)
+    b.ForceDefaults(True)
+    head = struct.pack("<HHIH", 1, rans.PROB_BITS, count, 1 << rans.PROB_BITS)
+    stream = head + bytes(rans._state_offset(1) - len(head)) + struct.pack("<I", rans.RANS_L)
+    b.StartVector(1, len(stream), fmt.BUFFER_ALIGNMENT)
+    b.head -= len(stream)
+    b.Bytes[b.head : b.head + len(stream)] = stream
+    data = b.EndVector()
+    Buffer.Start(b)
+    Buffer.AddData(b, data)
+    buffers = [Buffer.End(b)]
+    cents = b.CreateNumpyVector(np.asarray([0.5], np.float32))
+    Codebook.Start(b)
+    Codebook.AddSection(b, 0)
+    Codebook.AddCentroids(b, cents)
+    books = [Codebook.End(b)]
+    wshape = b.CreateNumpyVector(np.asarray([out_features, n_in], np.uint32))
+    Tensor.Start(b)
+    Tensor.AddShape(b, wshape)
+    Tensor.AddEncoding(b, Encoding.RANS_INDICES)
+    Tensor.AddCodebook(b, 0)
+    Tensor.AddBuffer(b, 0)
+    tensors = [Tensor.End(b)]
+    values = []
+    for shape in ((1, side, side), (n_in,), (out_features,)):
+        vec = b.CreateNumpyVector(np.asarray(shape, np.uint32))
+        Value.Start(b)
+        Value.AddShape(b, vec)
+        values.append(Value.End(b))
+    nodes = []
+    for op, inp, out, weight in ((OpCode.FLATTEN, 0, 1, -1), (OpCode.LINEAR, 1, 2, 0)):
+        inputs = b.CreateNumpyVector(np.asarray([inp], np.uint32))
+        Node.Start(b)
+        Node.AddOp(b, op)
+        Node.AddInputs(b, inputs)
+        Node.AddOutput(b, out)
+        Node.AddWeight(b, weight)
+        Node.AddScale(b, -1)
+        Node.AddShift(b, -1)
+        nodes.append(Node.End(b))
+    Section.Start(b)
+    Section.AddNodeBegin(b, 0)
+    Section.AddNodeEnd(b, 2)
+    sections = [Section.End(b)]
+    Exit.Start(b)
+    Exit.AddLogits(b, 2)
+    Exit.AddThreshold(b, 0.0)
+    exits = [Exit.End(b)]
+    ishape = b.CreateNumpyVector(np.asarray([1, side, side], np.uint32))
+    InputSpec.Start(b)
+    InputSpec.AddShape(b, ishape)
+    inp = InputSpec.End(b)
+
+    def vector(items):
+        b.StartVector(4, len(items), 4)
+        for o in reversed(items):
+            b.PrependUOffsetTRelative(o)
+        return b.EndVector()
+
+    vecs = [vector(x) for x in (values, nodes, sections, exits, tensors, books, buffers)]
+    Model.Start(b)
+    Model.AddSchemaMajor(b, fmt.SCHEMA_MAJOR)
+    Model.AddSchemaMinor(b, fmt.SCHEMA_MINOR)
+    Model.AddChecksumCrc32(b, 1)
+    Model.AddInput(b, inp)
+    for add, v in zip(
+        (
+            Model.AddValues,
+            Model.AddNodes,
+            Model.AddSections,
+            Model.AddExits,
+            Model.AddTensors,
+            Model.AddCodebooks,
+            Model.AddBuffers,
+        ),
+        vecs,
+    ):
+        add(b, v)
+    b.Finish(Model.End(b), file_identifier=fmt.FILE_IDENTIFIER)
+    return _sealed(b)
+
+
+def test_rans_weights_cannot_expand_a_small_file(tmp_path):
+    """Found by review: the 576-byte _rans_bomb(16384) declared 2^28 weights and took 2.2 GB
+    of RSS at its first predict. Index-coded weights are now capped per byte of file."""
+    import escepe_rt
+    from escepe_rt import verify
+    from escepe_rt.errors import FormatError
+
+    small = tmp_path / "small.escepe"
+    small.write_bytes(_rans_bomb(1))  # 16,384 weights: the construction itself is valid
+    m = escepe_rt.load(small, decode="eager")
+    np.testing.assert_allclose(m.run_all_exits(np.ones((1, 1, 128, 128), np.float32))[0], 8192)
+    blob = _rans_bomb(1024)  # 16.8M weights (80 MB decoded) from the same ~600 bytes
+    assert 1024 * 128 * 128 > verify.MAX_DECODED_PER_BYTE * len(blob)
+    path = tmp_path / "bomb.escepe"
+    path.write_bytes(blob)
+    with pytest.raises(FormatError, match="huge allocation") as e:
+        escepe_rt.load(path)
+    assert e.value.field == "tensors"
+
+
+def test_real_files_decode_far_fewer_weights_per_byte(blobs):
+    from escepe_rt import format as fmt
+    from escepe_rt import verify
+    from escepe_rt._fbs.Encoding import Encoding
+
+    shipped = ROOT / "examples" / "fashion_resnet18.escepe"
+    files = dict(blobs, shipped=shipped.read_bytes()) if shipped.exists() else dict(blobs)
+    for name, blob in files.items():
+        spec = fmt.parse(blob)
+        decoded = sum(t.count for t in spec.tensors if t.encoding != Encoding.RAW_F32)
+        assert decoded <= verify.MAX_DECODED_PER_BYTE / 64 * len(blob), (name, decoded, len(blob))
