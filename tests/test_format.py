@@ -1094,3 +1094,48 @@ def test_runtime_does_not_import_torch():
     proc = _run_python(code)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------ 7. newer minors
+
+
+def _with_future_fields(module, monkeypatch) -> int:
+    """Make the writer append 3 fields this reader does not know to every `module` table:
+    a uint32, a uint32 that would point far outside the file if read as an offset, and a
+    byte. Returns the number of fields the reader knows."""
+    known = len(verify.LAYOUT[module.__name__.rsplit(".", 1)[1]])
+    real_end = module.End
+
+    def start(b):
+        b.StartObject(known + 3)
+
+    def end(b):
+        b.PrependUint32Slot(known, 0xDEADBEEF, 0)
+        b.PrependUint32Slot(known + 1, 0xFFFFFFF0, 0)
+        b.PrependUint8Slot(known + 2, 7, 0)
+        return real_end(b)
+
+    monkeypatch.setattr(module, "Start", start)
+    monkeypatch.setattr(module, "End", end)
+    return known
+
+
+def test_unknown_fields_of_a_newer_minor_are_ignored(tmp_path, monkeypatch):
+    """A newer writer's extra fields (in Model and in every Node) are skipped, never followed;
+    the file reads exactly as without them. The writer's own verifier accepts it too."""
+    pytest.importorskip("torch")
+    from escepe_rt._fbs import Model as ModelTable
+    from escepe_rt._fbs import Node as NodeTable
+
+    known = {m: _with_future_fields(m, monkeypatch) for m in (ModelTable, NodeTable)}
+    blob = make_golden.golden_bytes()
+    monkeypatch.undo()
+    root = struct.unpack_from("<I", blob, 0)[0]
+    vtable = root - struct.unpack_from("<i", blob, root)[0]
+    assert struct.unpack_from("<H", blob, vtable)[0] == 4 + 2 * (known[ModelTable] + 3)
+    node = _model(blob).Nodes(0)._tab.Pos
+    vtable = node - struct.unpack_from("<i", blob, node)[0]
+    assert struct.unpack_from("<H", blob, vtable)[0] == 4 + 2 * (known[NodeTable] + 3)
+    x = np.load(GOLDEN_INPUT)
+    got = np.stack(_load(tmp_path, blob).run_all_exits(x))
+    np.testing.assert_allclose(got, np.load(GOLDEN_LOGITS), rtol=1e-6, atol=1e-6)
