@@ -10,6 +10,7 @@ This package never imports torch or onnx.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ import numpy as np
 
 from escepe_rt.errors import FormatError
 from escepe_rt.executor import CHUNK, POLICIES, Executor, Prediction, confidence
+
+CHUNK_BYTES = 512 << 20  # activations of one chunk (all its values), float32
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Prediction", "FormatError", "__version__"]
@@ -75,6 +78,10 @@ class Model:
         self._buf = buf
         self._decode = decode
         self._executor = Executor(spec, buf, decode)
+        # Samples per chunk: CHUNK, fewer where a sample's activations are big, so that a
+        # chunk's values (kept until the chunk is done) stay under CHUNK_BYTES.
+        per_sample = 4 * sum(math.prod(v.shape) for v in spec.values)
+        self._chunk = max(1, min(CHUNK, CHUNK_BYTES // max(per_sample, 1)))
         self.thresholds = self._resolve_thresholds(threshold)
         if policy is None:
             self.policy = spec.exit_policy
@@ -171,9 +178,10 @@ class Model:
                 np.zeros(0, np.float32),
                 np.zeros((0, k), np.float32),
             )
+        n = self._chunk
         parts = [
-            self._executor.predict(_to_nhwc(x[i : i + CHUNK]), self.thresholds, self.policy)
-            for i in range(0, len(x), CHUNK)
+            self._executor.predict(_to_nhwc(x[i : i + n]), self.thresholds, self.policy)
+            for i in range(0, len(x), n)
         ]
         if len(parts) == 1:
             return parts[0]
@@ -189,10 +197,8 @@ class Model:
         x = self._check_input(x)
         if len(x) == 0:
             return [np.zeros((0, self.num_classes), np.float32) for _ in self.spec.exits]
-        chunks = [
-            self._executor.run_all_exits(_to_nhwc(x[i : i + CHUNK]))
-            for i in range(0, len(x), CHUNK)
-        ]
+        n = self._chunk
+        chunks = [self._executor.run_all_exits(_to_nhwc(x[i : i + n])) for i in range(0, len(x), n)]
         return [np.concatenate([c[e] for c in chunks]) for e in range(len(self.spec.exits))]
 
     def confidence(self, logits: np.ndarray) -> np.ndarray:

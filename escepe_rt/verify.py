@@ -555,6 +555,16 @@ def _check_graph(spec: ModelSpec) -> None:
             _fail(f"shape {v.shape} must have 1..3 positive dims", f"values[{j}].shape")
         if math.prod(v.shape) > MAX_VALUE_ELEMENTS:
             _fail(f"{v.shape} is over the per-sample limit", f"values[{j}].shape")
+    # The executor keeps a chunk's values until the chunk is done, so the limit is on their
+    # sum: with a per-value limit alone, a 2 kB file chaining 8 ACTIVATIONs after a
+    # 2^26-element CONCAT needed more than 2.5 GB for one sample.
+    total = sum(math.prod(v.shape) for v in values)
+    if total > MAX_VALUE_ELEMENTS:
+        _fail(
+            f"values hold {total} elements per sample in all; the limit is "
+            f"{MAX_VALUE_ELEMENTS} (256 MiB of float32 per sample)",
+            "values",
+        )
     if not spec.sections:
         _fail("model has no sections", "sections")
     if len(spec.exits) != len(spec.sections):

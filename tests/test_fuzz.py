@@ -318,14 +318,16 @@ def test_real_files_are_far_below_the_read_budget(blobs):
         assert walker.reached <= 1.5 * len(blob) < walker.budget, (name, walker.reached)
 
 
-def _rans_bomb(out_features: int, side: int = 128) -> bytes:
-    """A valid-looking model: input (1, side, side) -> FLATTEN -> LINEAR(side^2 -> out) whose
-    weight is an rANS stream of a one-symbol codebook: every index costs 0 bits, so the
-    ~20-byte stream declares out x side^2 weights. About 1 kB on disk."""
+def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -> bytes:
+    """A one-section, one-exit Model built by hand with flatbuffers (no compiler, no torch).
+
+    values: per-sample shapes, value 0 first; nodes: (op, inputs, output, weight) in order;
+    logits: the exit's value. With `stream`, tensor 0 of shape values[...] is the rANS
+    buffer `stream` over a one-entry codebook (weight shape given by the caller's LINEAR).
+    """
     import flatbuffers
 
     from escepe_rt import format as fmt
-    from escepe_rt import rans
     from escepe_rt._fbs import (
         Buffer,
         Codebook,
@@ -338,62 +340,12 @@ def _rans_bomb(out_features: int, side: int = 128) -> bytes:
         Value,
     )
     from escepe_rt._fbs.Encoding import Encoding
-    from escepe_rt._fbs.OpCode import OpCode
 
-    n_in = side * side
-    count = out_features * n_in
     b = flatbuffers.Builder(1024)
     b.ForceDefaults(True)
-    head = struct.pack("<HHIH", 1, rans.PROB_BITS, count, 1 << rans.PROB_BITS)
-    stream = head + bytes(rans._state_offset(1) - len(head)) + struct.pack("<I", rans.RANS_L)
-    b.StartVector(1, len(stream), fmt.BUFFER_ALIGNMENT)
-    b.head -= len(stream)
-    b.Bytes[b.head : b.head + len(stream)] = stream
-    data = b.EndVector()
-    Buffer.Start(b)
-    Buffer.AddData(b, data)
-    buffers = [Buffer.End(b)]
-    cents = b.CreateNumpyVector(np.asarray([0.5], np.float32))
-    Codebook.Start(b)
-    Codebook.AddSection(b, 0)
-    Codebook.AddCentroids(b, cents)
-    books = [Codebook.End(b)]
-    wshape = b.CreateNumpyVector(np.asarray([out_features, n_in], np.uint32))
-    Tensor.Start(b)
-    Tensor.AddShape(b, wshape)
-    Tensor.AddEncoding(b, Encoding.RANS_INDICES)
-    Tensor.AddCodebook(b, 0)
-    Tensor.AddBuffer(b, 0)
-    tensors = [Tensor.End(b)]
-    values = []
-    for shape in ((1, side, side), (n_in,), (out_features,)):
-        vec = b.CreateNumpyVector(np.asarray(shape, np.uint32))
-        Value.Start(b)
-        Value.AddShape(b, vec)
-        values.append(Value.End(b))
-    nodes = []
-    for op, inp, out, weight in ((OpCode.FLATTEN, 0, 1, -1), (OpCode.LINEAR, 1, 2, 0)):
-        inputs = b.CreateNumpyVector(np.asarray([inp], np.uint32))
-        Node.Start(b)
-        Node.AddOp(b, op)
-        Node.AddInputs(b, inputs)
-        Node.AddOutput(b, out)
-        Node.AddWeight(b, weight)
-        Node.AddScale(b, -1)
-        Node.AddShift(b, -1)
-        nodes.append(Node.End(b))
-    Section.Start(b)
-    Section.AddNodeBegin(b, 0)
-    Section.AddNodeEnd(b, 2)
-    sections = [Section.End(b)]
-    Exit.Start(b)
-    Exit.AddLogits(b, 2)
-    Exit.AddThreshold(b, 0.0)
-    exits = [Exit.End(b)]
-    ishape = b.CreateNumpyVector(np.asarray([1, side, side], np.uint32))
-    InputSpec.Start(b)
-    InputSpec.AddShape(b, ishape)
-    inp = InputSpec.End(b)
+
+    def u32s(v):
+        return b.CreateNumpyVector(np.asarray(v, np.uint32))
 
     def vector(items):
         b.StartVector(4, len(items), 4)
@@ -401,27 +353,86 @@ def _rans_bomb(out_features: int, side: int = 128) -> bytes:
             b.PrependUOffsetTRelative(o)
         return b.EndVector()
 
-    vecs = [vector(x) for x in (values, nodes, sections, exits, tensors, books, buffers)]
+    tables = {}
+    if stream is not None:
+        weight_shape, data_bytes = stream
+        b.StartVector(1, len(data_bytes), fmt.BUFFER_ALIGNMENT)
+        b.head -= len(data_bytes)
+        b.Bytes[b.head : b.head + len(data_bytes)] = data_bytes
+        data = b.EndVector()
+        Buffer.Start(b)
+        Buffer.AddData(b, data)
+        tables["buffers"] = [Buffer.End(b)]
+        cents = b.CreateNumpyVector(np.asarray([0.5], np.float32))
+        Codebook.Start(b)
+        Codebook.AddSection(b, 0)
+        Codebook.AddCentroids(b, cents)
+        tables["codebooks"] = [Codebook.End(b)]
+        wshape = u32s(weight_shape)
+        Tensor.Start(b)
+        Tensor.AddShape(b, wshape)
+        Tensor.AddEncoding(b, Encoding.RANS_INDICES)
+        Tensor.AddCodebook(b, 0)
+        Tensor.AddBuffer(b, 0)
+        tables["tensors"] = [Tensor.End(b)]
+    tables["values"] = []
+    for shape in values:
+        vec = u32s(shape)
+        Value.Start(b)
+        Value.AddShape(b, vec)
+        tables["values"].append(Value.End(b))
+    tables["nodes"] = []
+    for op, inputs, out, weight in nodes:
+        vec = u32s(inputs)
+        Node.Start(b)
+        Node.AddOp(b, op)
+        Node.AddInputs(b, vec)
+        Node.AddOutput(b, out)
+        Node.AddWeight(b, weight)
+        Node.AddScale(b, -1)
+        Node.AddShift(b, -1)
+        tables["nodes"].append(Node.End(b))
+    Section.Start(b)
+    Section.AddNodeBegin(b, 0)
+    Section.AddNodeEnd(b, len(nodes))
+    tables["sections"] = [Section.End(b)]
+    Exit.Start(b)
+    Exit.AddLogits(b, logits)
+    Exit.AddThreshold(b, 0.0)
+    tables["exits"] = [Exit.End(b)]
+    ishape = u32s(input_shape)
+    InputSpec.Start(b)
+    InputSpec.AddShape(b, ishape)
+    inp = InputSpec.End(b)
+    vecs = {name: vector(items) for name, items in tables.items()}
     Model.Start(b)
     Model.AddSchemaMajor(b, fmt.SCHEMA_MAJOR)
     Model.AddSchemaMinor(b, fmt.SCHEMA_MINOR)
     Model.AddChecksumCrc32(b, 1)
     Model.AddInput(b, inp)
-    for add, v in zip(
-        (
-            Model.AddValues,
-            Model.AddNodes,
-            Model.AddSections,
-            Model.AddExits,
-            Model.AddTensors,
-            Model.AddCodebooks,
-            Model.AddBuffers,
-        ),
-        vecs,
-    ):
-        add(b, v)
+    for name, v in vecs.items():
+        getattr(Model, "Add" + name.capitalize())(b, v)
     b.Finish(Model.End(b), file_identifier=fmt.FILE_IDENTIFIER)
     return _sealed(b)
+
+
+def _rans_bomb(out_features: int, side: int = 128) -> bytes:
+    """input (1, side, side) -> FLATTEN -> LINEAR(side^2 -> out) whose weight is an rANS
+    stream over a one-symbol codebook: every index costs 0 bits, so the ~20-byte stream
+    declares out x side^2 weights. About 600 bytes on disk."""
+    from escepe_rt import rans
+    from escepe_rt._fbs.OpCode import OpCode
+
+    n_in = side * side
+    head = struct.pack("<HHIH", 1, rans.PROB_BITS, out_features * n_in, 1 << rans.PROB_BITS)
+    stream = head + bytes(rans._state_offset(1) - len(head)) + struct.pack("<I", rans.RANS_L)
+    return _handmade(
+        (1, side, side),
+        [(1, side, side), (n_in,), (out_features,)],
+        [(OpCode.FLATTEN, [0], 1, -1), (OpCode.LINEAR, [1], 2, 0)],
+        logits=2,
+        stream=((out_features, n_in), stream),
+    )
 
 
 def test_rans_weights_cannot_expand_a_small_file(tmp_path):
@@ -455,3 +466,62 @@ def test_real_files_decode_far_fewer_weights_per_byte(blobs):
         spec = fmt.parse(blob)
         decoded = sum(t.count for t in spec.tensors if t.encoding != Encoding.RAW_F32)
         assert decoded <= verify.MAX_DECODED_PER_BYTE / 64 * len(blob), (name, decoded, len(blob))
+
+
+def _concat_bomb(activations: int) -> bytes:
+    """(1, 64, 64) -> CONCAT x128 -> CONCAT x128 = (16384, 64, 64), 2^26 elements (the
+    per-value limit), then `activations` ACTIVATION nodes of that size and a FLATTEN."""
+    from escepe_rt._fbs.OpCode import OpCode
+
+    values = [(1, 64, 64), (128, 64, 64), (16384, 64, 64)]
+    nodes = [(OpCode.CONCAT, [0] * 128, 1, -1), (OpCode.CONCAT, [1] * 128, 2, -1)]
+    for _ in range(activations):
+        values.append((16384, 64, 64))
+        nodes.append((OpCode.ACTIVATION, [len(values) - 2], len(values) - 1, -1))
+    values.append((16384 * 64 * 64,))
+    nodes.append((OpCode.FLATTEN, [len(values) - 2], len(values) - 1, -1))
+    return _handmade((1, 64, 64), values, nodes, logits=len(values) - 1)
+
+
+def test_activations_cannot_add_up_past_the_per_sample_limit(tmp_path):
+    """Found by review: each value was capped at 2^26 elements, their sum was not; the
+    1,980-byte _concat_bomb(8) needed > 2.5 GB for ONE sample (MemoryError under a 2.5 GB
+    limit). The sum of all values per sample is now capped at 2^26 elements."""
+    import math
+
+    import escepe_rt
+    from escepe_rt import format as fmt
+    from escepe_rt import verify
+    from escepe_rt.errors import FormatError
+
+    blob = _concat_bomb(8)
+    assert len(blob) < 4096
+    path = tmp_path / "bomb.escepe"
+    path.write_bytes(blob)
+    with pytest.raises(FormatError, match="per sample in all") as e:
+        escepe_rt.load(path)
+    assert e.value.field == "values"
+    shapes = [v.shape for v in fmt.parse(blob).values]
+    assert max(math.prod(s) for s in shapes) <= verify.MAX_VALUE_ELEMENTS  # each one fits
+
+
+def test_chunks_shrink_with_the_activations_of_a_sample(tmp_path, monkeypatch):
+    """Samples per chunk follow CHUNK_BYTES / (bytes of all values of one sample)."""
+    import math
+
+    import escepe_rt
+    from escepe_rt._fbs.OpCode import OpCode
+
+    values = [(1, 8, 8), (4, 8, 8), (256,)]
+    nodes = [(OpCode.CONCAT, [0] * 4, 1, -1), (OpCode.FLATTEN, [1], 2, -1)]
+    path = tmp_path / "m.escepe"
+    path.write_bytes(_handmade((1, 8, 8), values, nodes, logits=2))
+    per_sample = 4 * sum(math.prod(v) for v in values)
+    assert escepe_rt.load(path)._chunk == escepe_rt.executor.CHUNK  # small: the default
+    monkeypatch.setattr(escepe_rt, "CHUNK_BYTES", 3 * per_sample)
+    m = escepe_rt.load(path)
+    assert m._chunk == 3
+    x = np.random.default_rng(0).normal(size=(8, 1, 8, 8)).astype(np.float32)
+    want = np.tile(x.reshape(8, 64), 4)
+    np.testing.assert_array_equal(m.run_all_exits(x)[0], want)
+    np.testing.assert_array_equal(m.predict(x).logits, want)
