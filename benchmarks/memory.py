@@ -30,6 +30,7 @@ numba's cache is filled once beforehand (`escepe_rt.load(..., warmup=True)` in a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -209,6 +210,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--inputs", type=int, default=256, help="distinct input samples cycled over")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite memory.md / memory.png from an existing OUT/memory.json, measuring nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -217,6 +223,10 @@ def main(argv=None) -> int:
     common.set_thread_env(args.threads)
     common.setup_logging()
     log = common.log
+    if args.report_only:
+        with open(os.path.join(args.out, "memory.json")) as f:
+            write_report(args.out, json.load(f))
+        return 0
     work = os.path.join(args.out, "artifacts")
     os.makedirs(work, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -280,7 +290,14 @@ def main(argv=None) -> int:
     }
     common.write_json(os.path.join(args.out, "memory.json"), result)
 
-    cols = ["rss_after_import_mb", "rss_after_load_mb", "peak_rss_mb", "ms_per_predict"]
+    write_report(args.out, result)
+    return 0
+
+
+def write_report(out: str, result: dict) -> None:
+    """memory.md (table) and memory.png (bars) from a memory.json result; prints the table."""
+    models, results, cfg = result["models"], result["results"], result["config"]
+    cols = ["rss_after_import_mb", "rss_after_load_mb", "peak_rss_mb"]
     rows = []
     for group, by_scenario in results.items():
         for scenario, r in by_scenario.items():
@@ -293,18 +310,19 @@ def main(argv=None) -> int:
             )
     table = common.markdown_table(["model / batch", "scenario", *cols, "decoded"], rows)
     text = (
-        f"### Peak memory, fresh process per row ({args.runs} predictions, "
-        f"{args.threads} threads)\n\n{table}\n\n"
-        f"Made by `{result['command']}`. Sizes (bytes): "
+        f"### Peak memory, fresh process per row ({cfg['runs']} predictions, "
+        f"{cfg['threads']} threads)\n\n{table}\n\n"
+        f"Made by `{result['command']}` at commit {result['machine']['git']['commit'] or '?'}. "
+        "Speed is not measured here (ms_per_predict in memory.json is only a sanity "
+        "figure; see latency.py). Sizes (bytes): "
         + "; ".join(f"{n}: {d['sizes_bytes']}" for n, d in models.items())
         + "\n"
     )
-    with open(os.path.join(args.out, "memory.md"), "w") as f:
+    with open(os.path.join(out, "memory.md"), "w") as f:
         f.write(text)
-    if plot(os.path.join(args.out, "memory.png"), results):
-        log.info("plot: %s", os.path.join(args.out, "memory.png"))
+    if plot(os.path.join(out, "memory.png"), results):
+        common.log.info("plot: %s", os.path.join(out, "memory.png"))
     print(text)
-    return 0
 
 
 if __name__ == "__main__":
