@@ -156,6 +156,27 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    """Time a .escepe file with the runtime alone: load, lazy decode per section, batch latency
+    (mean/p50/p99) with early exit and dense, exit histogram, peak RSS. Imports no torch."""
+    import numpy as np
+
+    from escepe_rt.bench import benchmark, format_report
+
+    inputs = np.load(args.inputs) if args.inputs else None
+    if inputs is not None and args.limit:
+        inputs = inputs[: args.limit]
+    result = benchmark(
+        args.file,
+        batches=tuple(args.batches),
+        seconds=args.seconds,
+        inputs=inputs,
+        threshold=args.threshold,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
 def _load_images(dataset: str, root: str | None, split: str, limit: int | None):
     from compiler import data
 
@@ -337,6 +358,25 @@ def main(argv: list[str] | None = None) -> int:
         help="one output per exit, exit0_logits ... (the default)",
     )
     p.set_defaults(fn=_cmd_export_onnx)
+
+    p = sub.add_parser(
+        "bench",
+        help="time a .escepe file: load, decode, latency, exit histogram, peak RSS",
+        description=_cmd_bench.__doc__,
+    )
+    p.add_argument("file")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per batch size")
+    p.add_argument(
+        "--inputs",
+        default=None,
+        help=".npy of float32 NCHW samples or uint8 NHWC images (default: random N(0,1), "
+        "which makes the exit histogram meaningless)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="use the first N input samples")
+    p.add_argument("--threshold", type=float, default=None, help="one threshold for all exits")
+    p.add_argument("--json", action="store_true", help="print every number as JSON")
+    p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("verify", help="check a file; prints OK or what is wrong, exit 1 if bad")
     p.add_argument("file")
