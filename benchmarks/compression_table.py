@@ -1,11 +1,19 @@
-"""Accuracy / size table of pipeline runs on the real test split, via the runtime.
+"""Accuracy / size table of pipeline runs (or .escepe files) on the real test split.
 
     python3 benchmarks/compression_table.py runs/fashion_pruned runs/fashion_uniform \
         --out results/compression
+    python3 benchmarks/compression_table.py --file "shipped=examples/fashion_resnet18.escepe" \
+        --out results/compression
 
 For the first run folder it also exports the uncompressed trained model
-(raw float32) as the baseline row. Every number comes from the .escepe files
-through escepe_rt; nothing is copied from logs. Writes table.json and table.md.
+(raw float32) as the baseline row; `--file LABEL=PATH` rows need no run folder
+(Fashion-MNIST test split; the ratio uses the file's fp32_param_bytes). Every
+number comes from the .escepe files through escepe_rt; nothing is copied from
+logs. Per section it reports the packed index width ceil(log2 k), the bits per
+weight the weight buffers actually take (packed or rANS), and the empirical
+entropy of the indices (what an ideal entropy coder would need), plus the
+file's payload bytes (all tensor bytes) against its structure bytes.
+Writes table.json and table.md.
 """
 
 from __future__ import annotations
@@ -22,7 +30,60 @@ sys.path.insert(0, os.path.dirname(HERE))
 log = logging.getLogger("escepe.bench")
 
 
+def index_stats(path: str) -> list[dict]:
+    """Per section: k, packed bits, stored bits/weight, index entropy (bits/weight)."""
+    import math
+
+    import numpy as np
+
+    import escepe_rt
+    from escepe_rt import decode, rans
+    from escepe_rt._fbs.Encoding import Encoding
+    from escepe_rt.format import buffer_bytes
+
+    m = escepe_rt.load(path)
+    spec, buf = m.spec, m._buf
+    out = []
+    for begin, end in spec.sections:
+        ids = [n.weight for n in spec.nodes[begin:end] if n.weight >= 0]
+        coded = [spec.tensors[t] for t in ids if spec.tensors[t].codebook >= 0]
+        weights = sum(spec.tensors[t].count for t in ids)
+        if not coded:
+            out.append(
+                {"clusters": None, "packed_bits": 32, "stored_bits": 32.0, "entropy_bits": 32.0}
+            )
+            continue
+        k = max(len(spec.codebooks[t.codebook][1]) for t in coded)
+        indices, stored = [], 0
+        for t in coded:
+            data = buffer_bytes(buf, spec, t.buffer)
+            stored += len(data)
+            ident = np.arange(len(spec.codebooks[t.codebook][1]), dtype=np.float32)
+            if t.encoding == Encoding.RANS_INDICES:
+                vals = rans.decode(data, ident, expected_count=t.count)
+            else:
+                vals = decode.decode_packed(data, t.bits, t.count, ident)
+            indices.append(np.asarray(vals).astype(np.int64).ravel())
+        out.append(
+            {
+                "clusters": k,
+                "packed_bits": max(1, math.ceil(math.log2(k))),
+                "stored_bits": round(8 * stored / weights, 3),
+                "entropy_bits": round(rans.entropy_bits(np.concatenate(indices), k), 3),
+            }
+        )
+    return out
+
+
+def payload_bytes(path: str) -> int:
+    import escepe_rt
+
+    spec = escepe_rt.load(path).spec
+    return sum(spec.buffers[t.buffer][1] for t in spec.tensors)
+
+
 def row(name: str, r: dict) -> dict:
+    stats = index_stats(r["file"])
     return {
         "run": name,
         "per_exit_accuracy": [round(a, 2) for a in r["per_exit_accuracy"]],
@@ -36,6 +97,12 @@ def row(name: str, r: dict) -> dict:
         if r["zipped_compression_ratio"]
         else None,
         "bits_per_weight": [round(s["bits_per_weight"], 3) for s in r["sections"]],
+        "packed_bits": [s["packed_bits"] for s in stats],
+        "index_entropy_bits": [s["entropy_bits"] for s in stats],
+        "clusters": [s["clusters"] for s in stats],
+        "schema": ".".join(map(str, __import__("escepe_rt").load(r["file"]).spec.schema_version)),
+        "payload_bytes": payload_bytes(r["file"]),
+        "fp32_param_bytes": r["fp32_param_bytes"],
         "thresholds": [round(t, 4) for t in r["thresholds"]],
         "exit_fraction": [round(f, 3) for f in r["exit_fraction"]],
     }
@@ -43,27 +110,41 @@ def row(name: str, r: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="pipeline run folders (with model.escepe)")
+    parser.add_argument("runs", nargs="*", help="pipeline run folders (with model.escepe)")
+    parser.add_argument(
+        "--file", action="append", default=[], metavar="LABEL=PATH", help="a .escepe file row"
+    )
     parser.add_argument("--out", default="results/compression")
     args = parser.parse_args()
+    if not args.runs and not args.file:
+        parser.error("give run folders and/or --file LABEL=PATH")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
-    from compiler import export
+    from compiler import data, export
     from compiler.pipeline import PipelineConfig, Run, evaluate_file
 
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    first = args.runs[0]
-    with open(os.path.join(first, "config.json")) as f:
-        cfg = PipelineConfig(**json.load(f))
-    run = Run(cfg, first)
-    teacher = run.load("trained.pt")
-    raw = os.path.join(args.out, "uncompressed.escepe")
-    export.export(
-        teacher, run.example, raw, labels=run.classes, input_mean=run.mean, input_std=run.std
-    )
-    # The uncompressed model runs every sample to the last exit (no calibration).
-    rows.append(row("uncompressed (fp32)", evaluate_file(raw, run.test_set)))
+    if args.runs:
+        first = args.runs[0]
+        with open(os.path.join(first, "config.json")) as f:
+            cfg = PipelineConfig(**json.load(f))
+        run = Run(cfg, first)
+        test_set = run.test_set
+        teacher = run.load("trained.pt")
+        raw = os.path.join(args.out, "uncompressed.escepe")
+        export.export(
+            teacher, run.example, raw, labels=run.classes, input_mean=run.mean, input_std=run.std
+        )
+        # The uncompressed model runs every sample to the last exit (no calibration).
+        rows.append(row("uncompressed (fp32)", evaluate_file(raw, test_set)))
+    else:
+        cfg = PipelineConfig()
+        test_set = data.load_dataset(cfg.dataset, split="test")
+    for spec in args.file:
+        label, _, path = spec.rpartition("=")
+        rows.append(row(label, evaluate_file(path, test_set)))
+        log.info("%s done", path)
     for folder in args.runs:
         with open(os.path.join(folder, "config.json")) as f:
             c = json.load(f)["compress"]
@@ -71,7 +152,7 @@ def main() -> None:
             f"{os.path.basename(folder)}: {c.get('mode')} k={c['clusters']} "
             f"prune={c.get('prune', 0)} kd={c.get('kd')}"
         )
-        rows.append(row(label, evaluate_file(os.path.join(folder, "model.escepe"), run.test_set)))
+        rows.append(row(label, evaluate_file(os.path.join(folder, "model.escepe"), test_set)))
         log.info("%s done", folder)
 
     with open(os.path.join(args.out, "table.json"), "w") as f:
@@ -80,23 +161,28 @@ def main() -> None:
                 "dataset": cfg.dataset,
                 "model": cfg.model,
                 "model_args": cfg.model_args,
-                "test_samples": len(run.test_set),
+                "test_samples": len(test_set),
                 "rows": rows,
             },
             f,
             indent=2,
         )
     lines = [
-        "| run | per-exit acc % | ensemble % | early-exit % | MACs used | file B | ratio | "
-        "zipped ratio | bits/weight per section |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | format | per-exit acc % | ensemble % | early-exit % | MACs used | file B "
+        "(payload) | fp32 B | ratio | zipped ratio | k | packed bits | stored bits/weight | "
+        "index entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {' / '.join(map(str, r['per_exit_accuracy']))} | "
+            f"| {r['run']} | {r['schema']} | {' / '.join(map(str, r['per_exit_accuracy']))} | "
             f"{r['ensemble_accuracy']} | {r['early_exit_accuracy']} | "
-            f"{100 * r['avg_macs_fraction']:.1f}% | {r['file_bytes']:,} | {r['ratio']}x | "
-            f"{r['zipped_ratio']}x | {' / '.join(map(str, r['bits_per_weight']))} |"
+            f"{100 * r['avg_macs_fraction']:.1f}% | {r['file_bytes']:,} "
+            f"({r['payload_bytes']:,}) | {int(r['fp32_param_bytes'] or 0):,} | {r['ratio']}x | "
+            f"{r['zipped_ratio']}x | {' / '.join(map(str, r['clusters']))} | "
+            f"{' / '.join(map(str, r['packed_bits']))} | "
+            f"{' / '.join(map(str, r['bits_per_weight']))} | "
+            f"{' / '.join(map(str, r['index_entropy_bits']))} |"
         )
     table = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -43,7 +43,7 @@ from escepe_rt._fbs import (
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
-from escepe_rt.encodings import index_bits, pack_indices
+from escepe_rt.encodings import RAW_DTYPES, index_bits, pack_indices
 
 log = logging.getLogger("escepe.export")
 WRITER = f"escepe {escepe_rt.__version__}"
@@ -140,6 +140,7 @@ def export(
     metadata: dict[str, str] | None = None,
     exit_policy: str = "max_softmax",
     index_encoding: str | list[str] = "auto",
+    channel_dtype: str = "f32",
     seed: int = 0,
 ) -> ExportReport:
     """Compile `model` to a .escepe file at `path`; returns sizes and ratios.
@@ -151,6 +152,10 @@ def export(
     (the model itself is left unchanged, and a warning says so).
     index_encoding: "auto" (per tensor, the smaller of bit-packed and
     rANS-coded indices), "packed" or "rans"; or one of these per section.
+    channel_dtype: "f32" stores the per-channel scale/shift vectors as float32;
+    "f16" as binary16 (format 1.2 RAW_F16, half the bytes; a vector whose values
+    do not fit binary16 stays float32). The fidelity check then allows for the
+    rounding (it still catches capture errors, which are not small).
     """
     graph = capture(model, example_input)
     data = build(
@@ -164,12 +169,16 @@ def export(
         metadata=metadata,
         exit_policy=exit_policy,
         index_encoding=index_encoding,
+        channel_dtype=channel_dtype,
         seed=seed,
     )
     blob, sections, meta = data
     exact = all(r.exact for r in sections)
+    tol = 1e-3 if channel_dtype == "f32" else 3e-2
     atomic_write(
-        path, blob, check=(lambda tmp: check_fidelity(model, example_input, tmp)) if exact else None
+        path,
+        blob,
+        check=(lambda tmp: check_fidelity(model, example_input, tmp, tol=tol)) if exact else None,
     )
     return ExportReport(
         str(path),
@@ -188,7 +197,9 @@ def zipped_size(blob: bytes, name: str = "model.escepe") -> int:
     return len(out.getvalue())
 
 
-def check_fidelity(model: nn.Module, example_input: torch.Tensor, path: str, seed: int = 0) -> None:
+def check_fidelity(
+    model: nn.Module, example_input: torch.Tensor, path: str, seed: int = 0, tol: float = 1e-3
+) -> None:
     """The file must reproduce the model's logits on a random input, exit by exit.
 
     torch.fx records `y += z` as `y + z` and cannot see that an in-place op
@@ -207,7 +218,7 @@ def check_fidelity(model: nn.Module, example_input: torch.Tensor, path: str, see
     got = escepe_rt.load(path).run_all_exits(x.numpy())
     for e, (w, g) in enumerate(zip(want, got)):
         err = float(np.abs(w - g).max())
-        if not err <= 1e-3 * max(1.0, float(np.abs(w).max())):
+        if not err <= tol * max(1.0, float(np.abs(w).max())):
             raise UnsupportedOpError(
                 f"the compiled file does not reproduce the model at exit {e} (max |diff| "
                 f"{err:.3g}): the graph capture missed something, e.g. an in-place op (`+=`, "
@@ -293,8 +304,14 @@ class _Writer:
         )
         return len(self.records) - 1
 
-    def raw(self, array: np.ndarray, section: int) -> int:
+    def raw(self, array: np.ndarray, section: int, dtype: str = "f32") -> int:
+        """A raw tensor: float32, or binary16 (RAW_F16) if asked and every value fits it."""
         a = np.ascontiguousarray(array, dtype="<f4")
+        if dtype == "f16":
+            with np.errstate(over="ignore"):
+                h = a.astype("<f2")
+            if np.all(np.isfinite(h)):
+                return self.tensor(a.shape, Encoding.RAW_F16, h.tobytes(), section)
         return self.tensor(a.shape, Encoding.RAW_F32, a.tobytes(), section)
 
     def _data_buffer(self, payload: bytes) -> int:
@@ -383,6 +400,7 @@ def build(
     metadata=None,
     exit_policy="max_softmax",
     index_encoding: str | list[str] = "auto",
+    channel_dtype: str = "f32",
     seed: int = 0,
 ) -> tuple[bytes, list[SectionReport], dict]:
     """Serialise and verify; returns (file bytes, per-section report, metadata)."""
@@ -480,11 +498,11 @@ def build(
             else -1
         )
         scale, shift = _channel_affine(node, modules)
-        scale_t = -1 if scale is None else w.raw(scale, node.section)
-        shift_t = -1 if shift is None else w.raw(shift, node.section)
-        if scale_t >= 0 or shift_t >= 0:
-            reports[node.section].stored_bytes += 4 * (len(scale) if scale is not None else 0)
-            reports[node.section].stored_bytes += 4 * (len(shift) if shift is not None else 0)
+        scale_t = -1 if scale is None else w.raw(scale, node.section, channel_dtype)
+        shift_t = -1 if shift is None else w.raw(shift, node.section, channel_dtype)
+        for t in (scale_t, shift_t):
+            if t >= 0:
+                reports[node.section].stored_bytes += len(w.records[t].payload)
         node_offsets.append(_node(w, node, value_of, weight, scale_t, shift_t))
 
     section_ranges, begin = [], 0
@@ -619,7 +637,13 @@ def _finish(
     return blob
 
 
-def repack(blob: bytes, *, final_exit_only: bool = False, metadata: dict | None = None) -> bytes:
+def repack(
+    blob: bytes,
+    *,
+    final_exit_only: bool = False,
+    metadata: dict | None = None,
+    channel_dtype: str | None = None,
+) -> bytes:
     """A verified .escepe file rewritten by this writer (current format version).
 
     Every tensor's bytes, the codebooks, the graph, thresholds, labels and
@@ -628,8 +652,12 @@ def repack(blob: bytes, *, final_exit_only: bool = False, metadata: dict | None 
     final_exit_only: drop the shallow exits and every node and tensor only
     they need, leaving the static model (one section, the last exit,
     threshold 0). metadata: entries to add or replace (e.g. fp32_param_bytes
-    of the static model, which the file alone cannot know).
+    of the static model, which the file alone cannot know). channel_dtype
+    "f16": float32 scale/shift vectors become RAW_F16 (rounded: logits then
+    differ slightly); None keeps every tensor's bytes.
     """
+    if channel_dtype not in (None, "f32", "f16"):
+        raise ValueError(f"channel_dtype must be None, 'f32' or 'f16', got {channel_dtype!r}")
     verify.check_structure(blob)
     spec = fmt.parse(blob)
     verify.check_model(blob, spec)
@@ -669,15 +697,16 @@ def repack(blob: bytes, *, final_exit_only: bool = False, metadata: dict | None 
         Codebook.AddSection(b, 0 if final_exit_only else section)
         Codebook.AddCentroids(b, cents_off)
         codebook_offsets.append(Codebook.End(b))
+    channel = {t for i in nodes for t in (spec.nodes[i].scale, spec.nodes[i].shift) if t >= 0}
     for t in used:
         ts = spec.tensors[t]
+        data = bytes(fmt.buffer_bytes(blob, spec, ts.buffer))
+        if channel_dtype and t in channel and ts.encoding in RAW_DTYPES:
+            values = np.frombuffer(data, dtype=RAW_DTYPES[ts.encoding]).reshape(ts.shape)
+            w.raw(values, tensor_section[t], channel_dtype)
+            continue
         w.tensor(
-            ts.shape,
-            ts.encoding,
-            bytes(fmt.buffer_bytes(blob, spec, ts.buffer)),
-            tensor_section[t],
-            ts.bits,
-            new_book.get(ts.codebook, -1),
+            ts.shape, ts.encoding, data, tensor_section[t], ts.bits, new_book.get(ts.codebook, -1)
         )
     node_offsets = []
     for i in nodes:
@@ -853,3 +882,48 @@ def patch_thresholds(blob: bytes, thresholds: list[float]) -> bytes:
             raise ValueError("this file stores no threshold fields to patch; re-export it")
         struct.pack_into("<f", out, ex._tab.Pos + slot, t)
     return seal(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python3 -m compiler.export IN -o OUT [--final-exit-only --fp32-param-bytes N]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python3 -m compiler.export",
+        description="Rewrite a .escepe file in the current format version (same tensor bytes, "
+        "same logits), optionally as the static model (last exit only).",
+    )
+    parser.add_argument("input")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument(
+        "--final-exit-only", action="store_true", help="drop the shallow exits and their nodes"
+    )
+    parser.add_argument(
+        "--channel-f16",
+        action="store_true",
+        help="store the per-channel scale/shift vectors as binary16 (RAW_F16, format 1.2)",
+    )
+    parser.add_argument(
+        "--fp32-param-bytes",
+        type=int,
+        help="metadata fp32_param_bytes to store (the static model's own parameter count x 4; "
+        "the file alone cannot know it)",
+    )
+    args = parser.parse_args(argv)
+    with open(args.input, "rb") as f:
+        blob = f.read()
+    meta = {} if args.fp32_param_bytes is None else {"fp32_param_bytes": str(args.fp32_param_bytes)}
+    if args.final_exit_only and not meta:
+        parser.error("--final-exit-only needs --fp32-param-bytes (the static model's fp32 bytes)")
+    out = repack(
+        blob,
+        final_exit_only=args.final_exit_only,
+        metadata=meta,
+        channel_dtype="f16" if args.channel_f16 else None,
+    )
+    atomic_write(args.output, out)
+    print(f"{args.input}: {len(blob):,} B -> {args.output}: {len(out):,} B")
+
+
+if __name__ == "__main__":
+    main()

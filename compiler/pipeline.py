@@ -37,7 +37,8 @@ class PipelineConfig:
     # clusters: one int for all sections or one per section; mode: "sectionwise"
     # (cluster one section at a time, retrain after each) or "uniform" (all at once);
     # kd: distil from the uncompressed model while retraining; prune: share of
-    # each section's weights sent to a fixed zero centroid (one value or per section).
+    # each section's weights sent to a fixed zero centroid (one value or per section);
+    # channel_dtype: "f16" stores per-channel scale/shift as binary16 (format 1.2).
     compress: dict = field(
         default_factory=lambda: {
             "clusters": [32, 16, 8, 4],
@@ -207,6 +208,7 @@ def stage_export(run: Run, model: torch.nn.Module, output: str) -> dict:
         labels=run.classes,
         input_mean=run.mean,
         input_std=run.std,
+        channel_dtype=run.cfg.compress.get("channel_dtype", "f32"),
         metadata={
             "dataset": run.cfg.dataset,
             "model": run.cfg.model,

@@ -25,6 +25,8 @@ class EncodingInfo:
         """Exact buffer length for `count` elements; None for variable-length (entropy) codes."""
         if self.code == Encoding.RAW_F32:
             return 4 * count
+        if self.code == Encoding.RAW_F16:
+            return 2 * count
         if self.code == Encoding.PACKED_INDICES:
             return (count * bits + 7) // 8
         return None
@@ -34,7 +36,10 @@ ENCODINGS: dict[int, EncodingInfo] = {
     Encoding.RAW_F32: EncodingInfo(Encoding.RAW_F32, "raw_f32", 0, 0, False),
     Encoding.PACKED_INDICES: EncodingInfo(Encoding.PACKED_INDICES, "packed", 1, 8, True),
     Encoding.RANS_INDICES: EncodingInfo(Encoding.RANS_INDICES, "rans", 0, 0, True),
+    Encoding.RAW_F16: EncodingInfo(Encoding.RAW_F16, "raw_f16", 0, 0, False),
 }
+# Raw (codebook-free) encodings: numpy dtype of their little-endian values.
+RAW_DTYPES = {Encoding.RAW_F32: "<f4", Encoding.RAW_F16: "<f2"}
 
 
 def index_bits(num_clusters: int) -> int:
@@ -66,8 +71,9 @@ def decode_reference(
     encoding: int, data: np.ndarray, bits: int, count: int, codebook: np.ndarray | None
 ) -> np.ndarray:
     """Reference decoder for one tensor: (count,) float32."""
-    if encoding == Encoding.RAW_F32:
-        return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype="<f4", count=count)
+    if encoding in RAW_DTYPES:
+        raw = np.asarray(data, dtype=np.uint8).tobytes()
+        return np.frombuffer(raw, dtype=RAW_DTYPES[encoding], count=count).astype(np.float32)
     if encoding == Encoding.PACKED_INDICES:
         return np.asarray(codebook, dtype=np.float32)[unpack_indices_reference(data, bits, count)]
     if encoding == Encoding.RANS_INDICES:

@@ -76,6 +76,8 @@ class Executor:
         data = buffer_bytes(self._buf, self.spec, t.buffer)
         if t.encoding == Encoding.RAW_F32:
             return data.view("<f4").reshape(t.shape)
+        if t.encoding == Encoding.RAW_F16:  # format 1.2: widened to float32 once, at decode
+            return data.view("<f2").astype(np.float32).reshape(t.shape)
         codebook = self.spec.codebooks[t.codebook][1]
         if t.encoding == Encoding.RANS_INDICES:
             try:

@@ -25,7 +25,7 @@ from escepe_rt._fbs.Activation import Activation
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
-from escepe_rt.encodings import ENCODINGS
+from escepe_rt.encodings import ENCODINGS, RAW_DTYPES
 from escepe_rt.errors import FormatError
 from escepe_rt.format import (
     BUFFER_ALIGNMENT,
@@ -387,8 +387,8 @@ def _channel_tensors(spec: ModelSpec, node: NodeSpec, channels: int, path: str) 
         if idx == -1:
             continue
         t = _tensor(spec, idx, f"{path}.{name}")
-        if t.encoding != Encoding.RAW_F32 or t.count != channels:
-            _fail(f"must be {channels} raw float32 values, is {t.shape}", f"{path}.{name}")
+        if t.encoding not in RAW_DTYPES or t.count != channels:
+            _fail(f"must be {channels} raw float values, is {t.shape}", f"{path}.{name}")
 
 
 def check_model(buf, spec: ModelSpec) -> None:
@@ -498,9 +498,9 @@ def _check_tensors(buf, spec: ModelSpec) -> None:
             if top >= k:
                 _fail(f"index {top} >= codebook size {k}", path, offset)
         else:
-            data = np.frombuffer(buf, dtype="<f4", count=t.count, offset=offset)
+            data = np.frombuffer(buf, dtype=RAW_DTYPES[t.encoding], count=t.count, offset=offset)
             if not np.all(np.isfinite(data)):
-                _fail("raw float32 tensor holds NaN or inf", path, offset)
+                _fail(f"{info.name} tensor holds NaN or inf", path, offset)
     # Raw tensors are views of the file; index-coded ones are decoded to float32. Packed
     # indices take >= 1 bit each, but an rANS index can cost ~0 bits (a one-symbol or very
     # skewed codebook), so without this a 576-byte file declared 2^28 weights and took

@@ -81,3 +81,57 @@ def test_shipped_example_is_current_and_repack_changes_nothing():
     if spec.schema_version != (fmt.SCHEMA_MAJOR, fmt.SCHEMA_MINOR):
         pytest.skip(f"example is format {spec.schema_version}")
     assert repack(blob) == blob
+
+
+# ----------------------------------------------------------------- RAW_F16 (format 1.2)
+
+
+def _f16_golden() -> bytes:
+    return repack(make_golden.GOLDEN_FILE.read_bytes(), channel_dtype="f16")
+
+
+def test_f16_channel_vectors_halve_their_bytes_and_keep_the_logits(tmp_path):
+    from escepe_rt._fbs.Encoding import Encoding
+
+    x = np.load(make_golden.INPUT_FILE)
+    old = escepe_rt.load(make_golden.GOLDEN_FILE)
+    blob = _f16_golden()
+    new = _load(tmp_path, blob, "f16.escepe")
+    channel = {t for n in new.spec.nodes for t in (n.scale, n.shift) if t >= 0}
+    assert channel and all(new.spec.tensors[t].encoding == Encoding.RAW_F16 for t in channel)
+    for t in channel:
+        assert new.spec.buffers[new.spec.tensors[t].buffer][1] == 2 * new.spec.tensors[t].count
+    assert len(blob) < make_golden.GOLDEN_FILE.stat().st_size
+    for a, b in zip(old.run_all_exits(x), new.run_all_exits(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+    assert repack(blob) == blob  # f16 is kept as it is
+
+
+def test_f16_tensor_holding_nan_is_refused(tmp_path):
+    from escepe_rt._fbs.Encoding import Encoding
+    from escepe_rt.errors import FormatError
+
+    blob = bytearray(_f16_golden())
+    spec = fmt.parse(bytes(blob))
+    i = next(i for i, t in enumerate(spec.tensors) if t.encoding == Encoding.RAW_F16)
+    at = spec.buffers[spec.tensors[i].buffer][0]
+    blob[at : at + 2] = np.float16(np.nan).tobytes()
+    from compiler.export import seal
+
+    path = tmp_path / "nan.escepe"
+    path.write_bytes(seal(blob))
+    with pytest.raises(FormatError) as e:
+        escepe_rt.load(path)
+    assert e.value.field == f"tensors[{i}]" and "NaN" in str(e.value)
+    assert e.value.offset == at
+
+
+def test_f16_falls_back_to_f32_out_of_range():
+    from compiler.export import _Writer
+    from escepe_rt._fbs.Encoding import Encoding
+
+    w = _Writer(1024)
+    small = w.raw(np.array([0.5, -2.0], np.float32), 0, "f16")
+    huge = w.raw(np.array([1e6, 1.0], np.float32), 0, "f16")
+    assert w.records[small].encoding == Encoding.RAW_F16
+    assert w.records[huge].encoding == Encoding.RAW_F32

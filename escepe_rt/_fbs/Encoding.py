@@ -7,3 +7,4 @@ class Encoding(object):
     RAW_F32 = 0
     PACKED_INDICES = 1
     RANS_INDICES = 2
+    RAW_F16 = 3
