@@ -3,7 +3,8 @@ escepe_rt on the file itself, every exit, batch 1 and 7; --exit N; metadata; the
 
 The small nets are the ones test_runtime_vs_torch checks against torch (depthwise, groups,
 dilation, ceil_mode max/avg pools, count_include_pad, divisor_override, unequal adaptive bins,
-residual add, concat, ReLU6, standalone AFFINE), stored raw, bit-packed and rANS-coded.
+residual add, concat, ReLU6, standalone AFFINE), stored raw, bit-packed and rANS-coded, and
+with float16 per-channel vectors (format 1.2).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from compiler.cluster import cluster_sections
 from compiler.escepe_to_onnx import escepe_to_onnx, exit_output_name
 from compiler.export import export
 from compiler.models import build_model
+from escepe_rt._fbs.Encoding import Encoding
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fashion_resnet18.escepe"
 
@@ -70,10 +72,10 @@ def _check_all_exits(escepe_path, onnx_path, n_exits: int) -> None:
         _assert_close(sess.run(None, {"input": x}), rt.run_all_exits(x))
 
 
-def _compile(model, shape, path, encoding: str | None) -> Path:
+def _compile(model, shape, path, encoding: str | None, **kw) -> Path:
     """Cluster (unless raw) and export `model` to `path` with the given index encoding."""
     example = torch.from_numpy(_inputs(shape, 1))
-    kw, ks = {}, None
+    ks = None
     if encoding is not None:
         with torch.no_grad():
             n_exits = len(model(example))
@@ -102,6 +104,16 @@ def test_small_nets_every_exit(cls, shape, encoding, tmp_path):
     n_exits = len(escepe_rt.load(path).spec.exits)
     escepe_to_onnx(path, tmp_path / "m.onnx")
     _check_all_exits(path, tmp_path / "m.onnx", n_exits)
+
+
+@pytest.mark.parametrize("cls,shape", SMALL_NETS[:3], ids=[c.__name__ for c, _ in SMALL_NETS[:3]])
+def test_float16_channel_vectors(cls, shape, tmp_path):
+    """Format 1.2 RAW_F16 scale/shift: the exporter reads them widened, as the runtime does."""
+    path = _compile(_small(cls, shape), shape, tmp_path / "h.escepe", "rans", channel_dtype="f16")
+    rt = escepe_rt.load(path)
+    assert any(t.encoding == Encoding.RAW_F16 for t in rt.spec.tensors)
+    escepe_to_onnx(path, tmp_path / "h.onnx")
+    _check_all_exits(path, tmp_path / "h.onnx", len(rt.spec.exits))
 
 
 def test_mobilenet_relu6_depthwise(tmp_path):
