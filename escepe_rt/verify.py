@@ -31,6 +31,7 @@ from escepe_rt.format import (
     BUFFER_ALIGNMENT,
     FILE_IDENTIFIER,
     SCHEMA_MAJOR,
+    SCHEMA_MINOR,
     ModelSpec,
     NodeSpec,
     buffer_bytes,
@@ -397,7 +398,9 @@ def check_model(buf, spec: ModelSpec) -> None:
     if major != SCHEMA_MAJOR:
         _fail(
             f"schema version {major}.{minor} is not supported; this reader reads "
-            f"{SCHEMA_MAJOR}.x files (upgrade escepe_rt for newer ones)",
+            f"{SCHEMA_MAJOR}.x files (versions {SCHEMA_MAJOR}.0 to {SCHEMA_MAJOR}.{SCHEMA_MINOR}, "
+            f"and newer {SCHEMA_MAJOR}.x minors without their new fields); upgrade escepe_rt "
+            "for other majors",
             "schema_major",
         )
     _check_checksum(buf, spec)

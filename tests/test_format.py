@@ -1139,3 +1139,18 @@ def test_unknown_fields_of_a_newer_minor_are_ignored(tmp_path, monkeypatch):
     x = np.load(GOLDEN_INPUT)
     got = np.stack(_load(tmp_path, blob).run_all_exits(x))
     np.testing.assert_allclose(got, np.load(GOLDEN_LOGITS), rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_major_lists_the_versions_read_and_cli_exits_1(tmp_path, golden, capsys):
+    from compiler.cli import main
+
+    blob = bytearray(golden)
+    struct.pack_into("<H", blob, _field_pos(_model(blob), "SchemaMajor"), fmt.SCHEMA_MAJOR + 1)
+    path = tmp_path / "future.escepe"
+    path.write_bytes(_seal(blob))
+    want = f"versions {fmt.SCHEMA_MAJOR}.0 to {fmt.SCHEMA_MAJOR}.{fmt.SCHEMA_MINOR}"
+    with pytest.raises(FormatError, match=want):
+        escepe_rt.load(path)
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "schema_major" in out and want in out

@@ -345,7 +345,10 @@ def _worker(case_file: str) -> int:
     # is then reported as a bug like any other exception).
     limit = int(os.environ.get("ESCEPE_FUZZ_AS_BYTES", str(6 << 30)))
     if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except (ValueError, OSError):  # e.g. a hard limit already lower: keep that one
+            pass
     warnings.simplefilter("ignore")
     np.seterr(all="ignore")  # a mutated weight may overflow float32: not an error
 
