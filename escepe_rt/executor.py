@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from escepe_rt import decode, kernels, rans
+from escepe_rt import decode, kernels, parallel, rans
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
@@ -184,6 +184,10 @@ class Executor:
         return env
 
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
+        with parallel.POOL.blas_single_threaded():
+            return self._run_all_exits(x_nhwc)
+
+    def _run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
         env = self._env(x_nhwc)
         out = []
         for s, ex in enumerate(self.spec.exits):
@@ -192,6 +196,10 @@ class Executor:
         return out
 
     def predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
+        with parallel.POOL.blas_single_threaded():
+            return self._predict(x_nhwc, thresholds, policy)
+
+    def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
         n = x_nhwc.shape[0]
         k = self.spec.values[self.spec.exits[0].logits].shape[0]
         labels = np.empty(n, np.int64)

@@ -18,6 +18,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from escepe_rt import parallel
+
 __all__ = [
     "ACT_NONE",
     "ACT_RELU",
@@ -55,8 +57,9 @@ _EMPTY = np.empty(0, dtype=_F32)
 # memory-bound. Flip this only together with OMP_WAIT_POLICY=PASSIVE (or single-threaded BLAS).
 _PARALLEL = False
 
-_jit = numba.njit(cache=True, fastmath=False)
-_pjit = numba.njit(cache=True, fastmath=False, parallel=_PARALLEL)
+# nogil: escepe_rt.parallel runs these kernels on several Python threads at once.
+_jit = numba.njit(cache=True, fastmath=False, nogil=True)
+_pjit = numba.njit(cache=True, fastmath=False, nogil=True, parallel=_PARALLEL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +228,25 @@ def _epilogue_res(src, dst, scale, shift, has_scale, has_shift, res, act):
         else:
             for j in range(c):
                 d[j] = _act1(s[j] + q[j], act)
+
+
+@_jit
+def _epilogue_cols(src, dst, c0, scale, shift, has_scale, has_shift, res, has_res, act):
+    """dst[:, c0 + j] = act(src[:, j] * scale + shift (+ res[:, c0 + j])), one column block."""
+    m, c = src.shape
+    for i in range(m):
+        s = src[i]
+        d = dst[i]
+        q = res[i]
+        for j in range(c):
+            v = s[j]
+            if has_scale:
+                v = v * scale[c0 + j]
+            if has_shift:
+                v = v + shift[c0 + j]
+            if has_res:
+                v = v + q[c0 + j]
+            d[c0 + j] = _act1(v, act)
 
 
 @_pjit
@@ -523,6 +545,12 @@ def _scratch_cols(rows: int, k: int) -> np.ndarray:
     return buf[:need].reshape(rows, k)
 
 
+# Below this many multiply-adds a conv runs on the calling thread (a hand-off to a worker costs
+# tens of microseconds); above it, it is cut into chunks for escepe_rt.parallel.POOL.
+PARALLEL_MIN_MACS = 1 << 24
+PARALLEL_MIN_ROWS = 64  # output pixels per row chunk; with fewer, the output channels are split
+
+
 def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw):
     """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows."""
     n, ho, wo, cout = out.shape
@@ -532,19 +560,63 @@ def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw,
     m = n * ho * wo
     out2d = out.reshape(m, cout)
     res2d = None if residual is None else residual.reshape(m, cout)
-    if k == c and sh == 1 and sw == 1 and ph == 0 and pw == 0:
-        np.dot(x.reshape(m, c), wmat, out=out2d)  # pointwise: no im2col at all
-        _epilogue(out2d, sc, sf, has_sc, has_sf, res2d, act)
+    pointwise = k == c and sh == 1 and sw == 1 and ph == 0 and pw == 0
+    geom = (w.kh, w.kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    epi = (sc, sf, has_sc, has_sf, act)
+    pool = parallel.POOL
+    if pool.threads == 1 or m * k * cout < PARALLEL_MIN_MACS:
+        _conv_rows(x, wmat, out2d, res2d, 0, m, pointwise, geom, epi)
         return
-    block = max(1, min(m, COL_BLOCK_BYTES // (4 * k)))
-    cols_buf = _scratch_cols(block, k)
-    for m0 in range(0, m, block):
-        m1 = min(m, m0 + block)
-        cols = cols_buf[: m1 - m0]
-        _im2col_rows(x, cols, m0, w.kh, w.kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    if m >= 2 * PARALLEL_MIN_ROWS:  # row chunks, two per thread: a late worker costs little
+        chunks = min(2 * pool.threads, m // PARALLEL_MIN_ROWS)
+        step = -(-m // chunks)
+
+        def rows(i):
+            m0 = i * step
+            if m0 < m:
+                _conv_rows(x, wmat, out2d, res2d, m0, min(m, m0 + step), pointwise, geom, epi)
+
+        pool.run(rows, chunks)
+        return
+    # few output pixels (deep layers at batch 1): one im2col, the output channels split
+    if pointwise:
+        cols = x.reshape(m, c)
+    else:
+        cols = np.empty((m, k), dtype=_F32)
+        _im2col_rows(x, cols, 0, *geom)
+    chunks = min(pool.threads, max(1, cout // 32))
+    step = -(-cout // (chunks * 16)) * 16  # whole 64-byte lines per chunk
+    has_res = res2d is not None
+    res = res2d if has_res else out2d
+
+    def channels(i):
+        c0 = i * step
+        c1 = min(cout, c0 + step)
+        if c0 < c1:
+            part = np.dot(cols, wmat[:, c0:c1])  # BLAS reads the column block in place
+            _epilogue_cols(part, out2d, c0, sc, sf, has_sc, has_sf, res, has_res, act)
+
+    pool.run(channels, chunks)
+
+
+def _conv_rows(x, wmat, out2d, res2d, m0, m1, pointwise, geom, epi):
+    """Output pixels [m0, m1): im2col in blocks of <= COL_BLOCK_BYTES, sgemm, epilogue."""
+    sc, sf, has_sc, has_sf, act = epi
+    if pointwise:
         o = out2d[m0:m1]
-        np.dot(cols, wmat, out=o)
+        np.dot(x.reshape(out2d.shape[0], x.shape[3])[m0:m1], wmat, out=o)
         _epilogue(o, sc, sf, has_sc, has_sf, None if res2d is None else res2d[m0:m1], act)
+        return
+    k = wmat.shape[0]
+    block = max(1, min(m1 - m0, COL_BLOCK_BYTES // (4 * k)))
+    cols_buf = _scratch_cols(block, k)
+    for b0 in range(m0, m1, block):
+        b1 = min(m1, b0 + block)
+        cols = cols_buf[: b1 - b0]
+        _im2col_rows(x, cols, b0, *geom)
+        o = out2d[b0:b1]
+        np.dot(cols, wmat, out=o)
+        _epilogue(o, sc, sf, has_sc, has_sf, None if res2d is None else res2d[b0:b1], act)
 
 
 def _epilogue(o, sc, sf, has_sc, has_sf, res, act):

@@ -258,6 +258,61 @@ def test_conv2d_blocks_equal_one_block(monkeypatch):
         assert_close(got, one, tol=1e-6)  # BLAS may sum in another order for another M
 
 
+@pytest.mark.parametrize("hw", [(12, 12), (2, 3)])  # row chunks; few pixels: channel chunks
+@pytest.mark.parametrize("k,padding", [(3, 1), (1, 0)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv2d_parallel_chunks_match_torch(hw, k, padding, residual, monkeypatch):
+    """escepe_rt.parallel: a conv cut into row or output-channel chunks on 3 threads."""
+    from escepe_rt import parallel
+
+    monkeypatch.setattr(parallel, "POOL", parallel.Pool(3))
+    monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(K, "PARALLEL_MIN_ROWS", 8)
+    monkeypatch.setattr(K, "COL_BLOCK_BYTES", 4 * k * k * 6 * 5)  # 5 rows per im2col block
+    rng = _seeded(hw[0] + k + residual)
+    n, cin, cout = 2, 6, 80
+    x = rng.standard_normal((n, *hw, cin), dtype=np.float32)
+    w = rng.standard_normal((cout, cin, k, k), dtype=np.float32) * 0.5
+    scale = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+    shift = rng.standard_normal(cout, dtype=np.float32)
+    conv = F.conv2d(nhwc_to_nchw(x), torch.from_numpy(w), padding=padding)
+    ref = conv * torch.from_numpy(scale).reshape(1, -1, 1, 1)
+    ref = ref + torch.from_numpy(shift).reshape(1, -1, 1, 1)
+    res = None
+    if residual:
+        res = rng.standard_normal(tuple(conv.permute(0, 2, 3, 1).shape), dtype=np.float32)
+        ref = ref + nhwc_to_nchw(res)
+    ref = nchw_to_nhwc(F.relu(ref))
+    cw = K.prepare_conv_weight(w, 1)
+    for _ in range(3):  # the same answer every time, whichever thread took which chunk
+        got = K.conv2d(x, cw, scale, shift, 1, padding, 1, K.ACT_RELU, residual=res)
+        assert_close(got, ref)
+
+
+def test_pool_runs_every_chunk_once_and_reraises():
+    from escepe_rt import parallel
+
+    pool = parallel.Pool(3)
+    seen = []
+    pool.run(seen.append, 50)
+    assert sorted(seen) == list(range(50))
+
+    def boom(i):
+        if i == 7:
+            raise RuntimeError("chunk 7")
+
+    with pytest.raises(RuntimeError, match="chunk 7"):
+        pool.run(boom, 20)
+    blas = pool._blas
+    if pool.threads > 1 and blas is not None and blas.get is not None:
+        before = blas.get()
+        with pool.blas_single_threaded():
+            with pool.blas_single_threaded():  # nested / concurrent predicts: counted
+                assert blas.get() == 1
+            assert blas.get() == 1
+        assert blas.get() == before
+
+
 def test_make_conv_reuses_validation_across_shapes():
     rng = _seeded(22)
     w = rng.standard_normal((4, 3, 3, 3), dtype=np.float32)
