@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from escepe_rt._fbs.OpCode import OpCode
 from escepe_rt.errors import FormatError
 from escepe_rt.executor import CHUNK, POLICIES, Executor, Prediction, confidence
 
@@ -78,10 +79,7 @@ class Model:
         self._buf = buf
         self._decode = decode
         self._executor = Executor(spec, buf, decode)
-        # Samples per chunk: CHUNK, fewer where a sample's activations are big, so that a
-        # chunk's values (kept until the chunk is done) stay under CHUNK_BYTES.
-        per_sample = 4 * sum(math.prod(v.shape) for v in spec.values)
-        self._chunk = max(1, min(CHUNK, CHUNK_BYTES // max(per_sample, 1)))
+        self._chunk = chunk_size(spec)
         self.thresholds = self._resolve_thresholds(threshold)
         if policy is None:
             self.policy = spec.exit_policy
@@ -242,6 +240,21 @@ class Model:
         from escepe_rt.summary import model_info
 
         return model_info(self.spec, self.path, self.thresholds)
+
+
+def chunk_size(spec) -> int:
+    """Samples per chunk: CHUNK, fewer where one sample needs much memory, so that a chunk's
+    values (all kept until the chunk is done) plus the largest im2col scratch (a grouped conv
+    builds every group's columns at once) stay under CHUNK_BYTES."""
+    cols = 0
+    for node in spec.nodes:
+        if node.op == OpCode.CONV2D:
+            _, ho, wo = spec.values[node.output].shape
+            cin = spec.values[node.inputs[0]].shape[0]
+            kh, kw = spec.tensors[node.weight].shape[2:]
+            cols = max(cols, ho * wo * cin * kh * kw)
+    per_sample = 4 * (sum(math.prod(v.shape) for v in spec.values) + cols)
+    return max(1, min(CHUNK, CHUNK_BYTES // max(per_sample, 1)))
 
 
 def _to_nhwc(x: np.ndarray) -> np.ndarray:

@@ -312,7 +312,9 @@ def infer_shape(node: NodeSpec, shapes: list[tuple], spec: ModelSpec, path: str)
         wo = pool_output_size(x[2], kw, sw, pw, dw, False)
         if ho < 1 or wo < 1:
             _fail(f"output would be empty for input {x}", path)
-        if ho * wo * cin_g * kh * kw > MAX_VALUE_ELEMENTS:
+        # All groups' columns: the grouped kernel builds them at once (a cin_g-only bound
+        # let groups multiply it).
+        if ho * wo * x[0] * kh * kw > MAX_VALUE_ELEMENTS:
             _fail("im2col buffer would exceed the per-sample limit", path)
         _channel_tensors(spec, node, cout, path)
         return (cout, ho, wo)

@@ -318,10 +318,11 @@ def test_real_files_are_far_below_the_read_budget(blobs):
         assert walker.reached <= 1.5 * len(blob) < walker.budget, (name, walker.reached)
 
 
-def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -> bytes:
+def _handmade(input_shape, values, nodes, logits, stream=None, labels=()) -> bytes:
     """A one-section, one-exit Model built by hand with flatbuffers (no compiler, no torch).
 
-    values: per-sample shapes, value 0 first; nodes: (op, inputs, output, weight) in order;
+    values: per-sample shapes, value 0 first; nodes: (op, inputs, output, weight) in order,
+    CONV2D with a 5th item (kernel, stride, padding, groups);
     logits: the exit's value. With `stream`, tensor 0 of shape values[...] is the rANS
     buffer `stream` over a one-entry codebook (weight shape given by the caller's LINEAR).
     """
@@ -331,6 +332,7 @@ def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -
     from escepe_rt._fbs import (
         Buffer,
         Codebook,
+        Conv2DOptions,
         Exit,
         InputSpec,
         Model,
@@ -375,6 +377,8 @@ def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -
         Tensor.AddCodebook(b, 0)
         Tensor.AddBuffer(b, 0)
         tables["tensors"] = [Tensor.End(b)]
+    if labels:
+        tables["labels"] = [b.CreateString(label) for label in labels]
     tables["values"] = []
     for shape in values:
         vec = u32s(shape)
@@ -382,8 +386,18 @@ def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -
         Value.AddShape(b, vec)
         tables["values"].append(Value.End(b))
     tables["nodes"] = []
-    for op, inputs, out, weight in nodes:
+    for op, inputs, out, weight, *conv in nodes:
         vec = u32s(inputs)
+        if conv:  # (kernel, stride, padding, groups) of a CONV2D
+            kernel, stride, padding, groups = conv[0]
+            vecs = [u32s(v) for v in (kernel, stride, padding, (1, 1))]
+            Conv2DOptions.Start(b)
+            Conv2DOptions.AddKernel(b, vecs[0])
+            Conv2DOptions.AddStride(b, vecs[1])
+            Conv2DOptions.AddPadding(b, vecs[2])
+            Conv2DOptions.AddDilation(b, vecs[3])
+            Conv2DOptions.AddGroups(b, groups)
+            options = Conv2DOptions.End(b)
         Node.Start(b)
         Node.AddOp(b, op)
         Node.AddInputs(b, vec)
@@ -391,6 +405,8 @@ def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -
         Node.AddWeight(b, weight)
         Node.AddScale(b, -1)
         Node.AddShift(b, -1)
+        if conv:
+            Node.AddConv(b, options)
         tables["nodes"].append(Node.End(b))
     Section.Start(b)
     Section.AddNodeBegin(b, 0)
@@ -416,16 +432,22 @@ def _handmade(input_shape, values, nodes, logits, stream: bytes | None = None) -
     return _sealed(b)
 
 
+def _one_symbol_rans(count: int) -> bytes:
+    """A valid rANS stream of `count` zeros over a one-symbol codebook: 20 bytes, any count."""
+    from escepe_rt import rans
+
+    head = struct.pack("<HHIH", 1, rans.PROB_BITS, count, 1 << rans.PROB_BITS)
+    return head + bytes(rans._state_offset(1) - len(head)) + struct.pack("<I", rans.RANS_L)
+
+
 def _rans_bomb(out_features: int, side: int = 128) -> bytes:
     """input (1, side, side) -> FLATTEN -> LINEAR(side^2 -> out) whose weight is an rANS
     stream over a one-symbol codebook: every index costs 0 bits, so the ~20-byte stream
     declares out x side^2 weights. About 600 bytes on disk."""
-    from escepe_rt import rans
     from escepe_rt._fbs.OpCode import OpCode
 
     n_in = side * side
-    head = struct.pack("<HHIH", 1, rans.PROB_BITS, out_features * n_in, 1 << rans.PROB_BITS)
-    stream = head + bytes(rans._state_offset(1) - len(head)) + struct.pack("<I", rans.RANS_L)
+    stream = _one_symbol_rans(out_features * n_in)
     return _handmade(
         (1, side, side),
         [(1, side, side), (n_in,), (out_features,)],
@@ -525,3 +547,54 @@ def test_chunks_shrink_with_the_activations_of_a_sample(tmp_path, monkeypatch):
     want = np.tile(x.reshape(8, 64), 4)
     np.testing.assert_array_equal(m.run_all_exits(x)[0], want)
     np.testing.assert_array_equal(m.predict(x).logits, want)
+
+
+def _grouped_conv_file(channels: int, groups: int, k: int) -> bytes:
+    """(channels, 1, 1) -> CONV2D k x k, padding (k-1)/2, `groups` groups -> (groups, 1, 1) ->
+    FLATTEN. Weights: one-symbol rANS; a long label keeps the file above the decoded cap."""
+    from escepe_rt import verify
+    from escepe_rt._fbs.OpCode import OpCode
+
+    pad = (k - 1) // 2
+    weights = groups * (channels // groups) * k * k
+    return _handmade(
+        (channels, 1, 1),
+        [(channels, 1, 1), (groups, 1, 1), (groups,)],
+        [
+            (OpCode.CONV2D, [0], 1, 0, ((k, k), (1, 1), (pad, pad), groups)),
+            (OpCode.FLATTEN, [1], 2, -1),
+        ],
+        logits=2,
+        stream=((groups, channels // groups, k, k), _one_symbol_rans(weights)),
+        labels=["a" * (weights // verify.MAX_DECODED_PER_BYTE + 64)] + ["b"] * (groups - 1),
+    )
+
+
+def test_grouped_conv_scratch_bounds_the_chunk(tmp_path):
+    """Found by review: a 17 kB file (grouped 2047 x 2047 conv on a (4, 1, 1) input) made a
+    batch of 256 ask for 16 GiB of im2col columns at once. Samples per chunk now count the
+    largest im2col scratch (all groups) with the values."""
+    import escepe_rt
+
+    path = tmp_path / "grouped.escepe"
+    path.write_bytes(_grouped_conv_file(4, 2, 2047))
+    assert path.stat().st_size < 20_000
+    m = escepe_rt.load(path)  # valid: nothing is decoded until a sample needs it
+    cols = 4 * 2047 * 2047  # ho * wo * cin * kh * kw floats per sample
+    assert 1 <= m._chunk < escepe_rt.executor.CHUNK
+    assert m._chunk * 4 * cols <= escepe_rt.CHUNK_BYTES
+
+
+def test_grouped_conv_im2col_counts_every_group(tmp_path):
+    """The per-sample im2col limit applies to all groups' columns, not one group's."""
+    import escepe_rt
+    from escepe_rt import verify
+    from escepe_rt.errors import FormatError
+
+    k = 1025  # 2 x k^2 columns per group fit under 2^26; 64 x k^2 over all groups do not
+    assert 2 * k * k <= verify.MAX_VALUE_ELEMENTS < 64 * k * k
+    path = tmp_path / "grouped.escepe"
+    path.write_bytes(_grouped_conv_file(64, 32, k))
+    with pytest.raises(FormatError, match="im2col") as e:
+        escepe_rt.load(path)
+    assert e.value.field == "nodes[0]"
