@@ -48,6 +48,7 @@ THREADS = _threads_from_argv()
 common.set_thread_env(THREADS)
 
 import logging  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -57,7 +58,6 @@ import torch  # noqa: E402
 import escepe_rt  # noqa: E402
 from compiler.models import MODELS  # noqa: E402
 from compiler.onnx_export import SingleExit  # noqa: E402
-from escepe_rt import executor as rt_executor  # noqa: E402
 from escepe_rt import kernels as rt_kernels  # noqa: E402
 from escepe_rt._fbs.OpCode import OpCode  # noqa: E402
 
@@ -322,57 +322,75 @@ def _nbytes(v) -> int:
 
 
 def profile_escepe(path: str, data, runs: int) -> dict:
-    """Per op type time of escepe_rt dense predict (monkeypatches executor._run_node in-process).
+    """Per op type time of escepe_rt dense predict (wraps the executor's plan steps in-process).
 
-    Conv sub-steps are split out by wrapping the numba kernels that conv2d calls (im2col,
-    epilogue, depthwise); "sgemm + alloc" is the rest of the conv's time. GFLOP/s counts 2 x MACs.
+    Every step of every section's plan is wrapped with a timer keyed by op type (a conv with a
+    fused residual add is its own key, "+add"). Conv sub-steps are split out by wrapping the
+    numba kernels the conv calls (im2col, epilogue, depthwise); with escepe_rt's own threads
+    these sub-step times are summed over threads (CPU-like), so they can exceed the conv's wall
+    time; "sgemm+rest" is the conv's wall time minus them. GFLOP/s counts 2 x MACs.
     """
     acc: dict[str, list[float]] = {}  # key -> [seconds, flops, calls]
     state = {"conv": None}
+    lock = threading.Lock()
 
     def add(key, dt, flops=0.0):
-        a = acc.setdefault(key, [0.0, 0.0, 0])
-        a[0] += dt
-        a[1] += flops
-        a[2] += 1
+        with lock:
+            a = acc.setdefault(key, [0.0, 0.0, 0])
+            a[0] += dt
+            a[1] += flops
+            a[2] += 1
 
-    orig_run_node = rt_executor._run_node
-    originals = {k: getattr(rt_kernels, k) for k in ("_im2col", "_epilogue2d", "_depthwise")}
+    names = ("_im2col_rows", "_epilogue", "_depthwise", "_im2col")
+    originals = {k: getattr(rt_kernels, k) for k in names if hasattr(rt_kernels, k)}
 
     def wrap_kernel(name, fn):
         def wrapped(*a):
             t0 = time.perf_counter()
             r = fn(*a)
-            if state["conv"] is not None:
-                add(f"{state['conv']} / {name.strip('_')}", time.perf_counter() - t0)
+            conv = state["conv"]
+            if conv is not None:
+                add(f"{conv} / {name.strip('_')}", time.perf_counter() - t0)
             return r
 
         return wrapped
 
-    def run_node(node, p, xs):
-        key = OPCODE_NAMES.get(node.op, str(node.op))
-        flops = 0.0
-        if node.op == OpCode.CONV2D:
-            w = p["weight"]
-            kind = "dw" if w.depthwise else ""
-            s = node.options["conv"]["stride"]
-            key = f"CONV2D {w.kh}x{w.kw}{kind}{' s2' if max(s) > 1 else ''}"
-            state["conv"] = key
-        t0 = time.perf_counter()
-        y = orig_run_node(node, p, xs)
-        dt = time.perf_counter() - t0
-        state["conv"] = None
-        if node.op == OpCode.CONV2D:
-            w = p["weight"]
-            flops = 2.0 * y.size * w.kh * w.kw * (w.Cin // w.groups)
-        elif node.op == OpCode.LINEAR:
-            flops = 2.0 * y.size * p["weight"].shape[0]
-        add(key, dt, flops)
-        return y
-
     m = escepe_rt.load(path, threshold=1.5, decode="eager")
     m.predict(data[0])
-    rt_executor._run_node = run_node
+    ex = m._executor
+    spec = m.spec
+    plans = list(ex._plans)
+    wrapped_plans = []
+    for plan in plans:
+        new = []
+        for fn, ins, out, i in plan:
+            node = spec.nodes[i]
+            key = OPCODE_NAMES.get(node.op, str(node.op))
+            flops = 0.0
+            if node.op == OpCode.CONV2D:
+                w = ex.section_params(node.section)[i]["weight"]
+                kind = "dw" if w.depthwise else ""
+                st = node.options["conv"]["stride"]
+                fused = "+add" if i in ex._fused else ""
+                key = f"CONV2D {w.kh}x{w.kw}{kind}{' s2' if max(st) > 1 else ''}{fused}"
+                macs_per_out = w.kh * w.kw * (w.Cin // w.groups)
+                flops = 2.0 * macs_per_out
+            elif node.op == OpCode.LINEAR:
+                flops = 2.0 * ex.section_params(node.section)[i]["weight"].shape[0]
+
+            def timed(*xs, fn=fn, key=key, flops=flops, conv=node.op == OpCode.CONV2D):
+                if conv:
+                    state["conv"] = key
+                t0 = time.perf_counter()
+                y = fn(*xs)
+                dt = time.perf_counter() - t0
+                state["conv"] = None
+                add(key, dt, flops * y.size)
+                return y
+
+            new.append((timed, ins, out, i))
+        wrapped_plans.append(new)
+    ex._plans = wrapped_plans
     for k, fn in originals.items():
         setattr(rt_kernels, k, wrap_kernel(k, fn))
     try:
@@ -382,7 +400,7 @@ def profile_escepe(path: str, data, runs: int) -> dict:
             m.predict(data[i % len(data)])
             t_total += time.perf_counter() - t0
     finally:
-        rt_executor._run_node = orig_run_node
+        ex._plans = plans
         for k, fn in originals.items():
             setattr(rt_kernels, k, fn)
     per_run = t_total / runs
@@ -400,12 +418,11 @@ def profile_escepe(path: str, data, runs: int) -> dict:
                 "gflop_per_s": flops / sec / 1e9 if flops and sec > 0 else None,
             }
         )
-    # the part of each conv that is neither im2col nor epilogue nor depthwise: sgemm + allocation
     for key in [k for k in acc if k.startswith("CONV2D") and " / " not in k]:
         sub = sum(v[0] for k, v in acc.items() if k.startswith(key + " / "))
         rows.append(
             {
-                "op": f"{key} / sgemm+alloc",
+                "op": f"{key} / sgemm+rest",
                 "ms_per_run": 1e3 * (acc[key][0] - sub) / runs,
                 "share": (acc[key][0] - sub) / t_total,
                 "calls_per_run": acc[key][2] / runs,
