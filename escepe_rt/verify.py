@@ -46,6 +46,9 @@ READ_BUDGET = 8  # reached tables + vectors + strings <= 8 x file size (see _Wal
 # Decoded (index-coded) weights per byte of file: 1024 is 0.008 bits per weight, far below
 # any real clustered model (a few bits; well under 1 with rANS over a pruned zero cluster).
 MAX_DECODED_PER_BYTE = 1024
+# Window elements one sample's pooling visits (outputs x channels x window): real nets use
+# thousands to millions; 2^32 is seconds of work.
+MAX_POOL_WORK = 1 << 32
 
 # Field types: scalar struct codes, "str", "[x]" vectors of scalars, "[str]",
 # "T:Name" tables and "[T:Name]" vectors of tables. Order = schema order.
@@ -350,6 +353,15 @@ def infer_shape(node: NodeSpec, shapes: list[tuple], spec: ModelSpec, path: str)
         wo = pool_output_size(x[2], kw, sw, pw, dw, opts["ceil_mode"])
         if ho < 1 or wo < 1:
             _fail(f"output would be empty for input {x}", path)
+        # Padding up to half the kernel lets a window be far larger than the input; the
+        # kernels visit every window row: a 464-byte file (a 16384 x 16384 max pool over
+        # (1, 64, 64)) took 11 s per sample, and the window size is only bounded by 2^32.
+        if ho * wo * x[0] * kh * kw > MAX_POOL_WORK:
+            _fail(
+                f"{ho}x{wo} outputs x {x[0]} channels x a {kh}x{kw} window is over the "
+                f"per-sample limit of {MAX_POOL_WORK} window elements",
+                path + ".pool.kernel",
+            )
         return (x[0], ho, wo)
     if op == OpCode.ADAPTIVE_AVG_POOL2D:
         if len(x) != 3:

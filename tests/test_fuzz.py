@@ -337,6 +337,7 @@ def _handmade(input_shape, values, nodes, logits, stream=None, labels=()) -> byt
         InputSpec,
         Model,
         Node,
+        Pool2DOptions,
         Section,
         Tensor,
         Value,
@@ -388,7 +389,16 @@ def _handmade(input_shape, values, nodes, logits, stream=None, labels=()) -> byt
     tables["nodes"] = []
     for op, inputs, out, weight, *conv in nodes:
         vec = u32s(inputs)
-        if conv:  # (kernel, stride, padding, groups) of a CONV2D
+        pool = conv and conv[0][0] == "pool"
+        if pool:  # ("pool", kernel, stride, padding) of a MAX/AVG_POOL2D
+            vecs = [u32s(v) for v in conv[0][1:]] + [u32s((1, 1))]
+            Pool2DOptions.Start(b)
+            Pool2DOptions.AddKernel(b, vecs[0])
+            Pool2DOptions.AddStride(b, vecs[1])
+            Pool2DOptions.AddPadding(b, vecs[2])
+            Pool2DOptions.AddDilation(b, vecs[3])
+            options = Pool2DOptions.End(b)
+        elif conv:  # (kernel, stride, padding, groups) of a CONV2D
             kernel, stride, padding, groups = conv[0]
             vecs = [u32s(v) for v in (kernel, stride, padding, (1, 1))]
             Conv2DOptions.Start(b)
@@ -405,7 +415,9 @@ def _handmade(input_shape, values, nodes, logits, stream=None, labels=()) -> byt
         Node.AddWeight(b, weight)
         Node.AddScale(b, -1)
         Node.AddShift(b, -1)
-        if conv:
+        if pool:
+            Node.AddPool(b, options)
+        elif conv:
             Node.AddConv(b, options)
         tables["nodes"].append(Node.End(b))
     Section.Start(b)
@@ -598,3 +610,42 @@ def test_grouped_conv_im2col_counts_every_group(tmp_path):
     with pytest.raises(FormatError, match="im2col") as e:
         escepe_rt.load(path)
     assert e.value.field == "nodes[0]"
+
+
+def _pool_file(k: int, side: int) -> bytes:
+    """(1, side, side) -> MAX_POOL2D k x k, stride 1, padding k // 2 -> FLATTEN."""
+    from escepe_rt._fbs.OpCode import OpCode
+
+    p = k // 2
+    out = side + 2 * p - k + 1
+    return _handmade(
+        (1, side, side),
+        [(1, side, side), (1, out, out), (out * out,)],
+        [
+            (OpCode.MAX_POOL2D, [0], 1, -1, ("pool", (k, k), (1, 1), (p, p))),
+            (OpCode.FLATTEN, [1], 2, -1),
+        ],
+        logits=2,
+    )
+
+
+def test_pool_window_work_is_bounded(tmp_path):
+    """Found by review: padding may be half the kernel, so a pool window can dwarf its input.
+    The 464-byte _pool_file(16384, 64) took 11 s per sample (a 2^31 window: weeks)."""
+    import escepe_rt
+    from escepe_rt.errors import FormatError
+
+    ok = tmp_path / "ok.escepe"
+    ok.write_bytes(_pool_file(3, 6))  # the construction is a valid file
+    x = np.random.default_rng(0).normal(size=(2, 1, 6, 6)).astype(np.float32)
+    padded = np.pad(x[:, 0], ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    want = np.stack(
+        [padded[:, i : i + 3, j : j + 3].max(axis=(1, 2)) for i in range(6) for j in range(6)], 1
+    )
+    np.testing.assert_array_equal(escepe_rt.load(ok).run_all_exits(x)[0], want)
+    bomb = tmp_path / "bomb.escepe"
+    bomb.write_bytes(_pool_file(16384, 64))
+    assert bomb.stat().st_size < 1024
+    with pytest.raises(FormatError, match="window elements") as e:
+        escepe_rt.load(bomb)
+    assert e.value.field == "nodes[0].pool.kernel"
