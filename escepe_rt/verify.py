@@ -15,6 +15,7 @@ Every failure is a FormatError naming the field and the byte offset.
 from __future__ import annotations
 
 import math
+import re
 import struct
 import zlib
 
@@ -407,7 +408,64 @@ def _channel_tensors(spec: ModelSpec, node: NodeSpec, channels: int, path: str) 
 
 
 def check_model(buf, spec: ModelSpec) -> None:
-    """Semantic checks; raise FormatError on the first problem."""
+    """Semantic checks; raise FormatError on the first problem.
+
+    A check that names only a field gets that field's byte offset from `locate`.
+    """
+    try:
+        _check_model(buf, spec)
+    except FormatError as e:
+        if e.offset is None and e.field:
+            raise FormatError(e.reason, e.field, locate(buf, e.field)) from None
+        raise
+
+
+def locate(buf, path: str) -> int | None:
+    """Byte offset of what a schema path names in a structurally verified file.
+
+    "nodes[3].inputs[1]" -> that uint; "exits[0]" -> the table; "labels" -> the vector's
+    length field. An absent field or an index past a vector's end gives the position of
+    the table or vector that would hold it. None if the path does not fit the schema.
+    """
+    try:
+        pos = struct.unpack_from("<I", buf, 0)[0]
+        kind = "T:Model"
+        for name, index in re.findall(r"([A-Za-z_]\w*)|\[(\d+)\]", path.split(" (")[0]):
+            if name:
+                if not kind.startswith("T:"):
+                    return None
+                fields = [f for f, _ in LAYOUT[kind[2:]]]
+                slot = fields.index(name)
+                vtable = pos - struct.unpack_from("<i", buf, pos)[0]
+                vt_size = struct.unpack_from("<H", buf, vtable)[0]
+                fo = 0
+                if 4 + 2 * slot < vt_size:
+                    fo = struct.unpack_from("<H", buf, vtable + 4 + 2 * slot)[0]
+                if not fo:
+                    return pos
+                ftype = LAYOUT[kind[2:]][slot][1]
+                pos += fo
+                if not _is_scalar(ftype):
+                    pos += struct.unpack_from("<I", buf, pos)[0]
+                kind = ftype
+            else:
+                if not kind.startswith("["):
+                    return None
+                elem = kind[1:-1]
+                i = int(index)
+                if i >= struct.unpack_from("<I", buf, pos)[0]:
+                    return pos
+                width = 4 if not _is_scalar(elem) else struct.calcsize("<" + elem)
+                pos += 4 + i * width
+                if not _is_scalar(elem):
+                    pos += struct.unpack_from("<I", buf, pos)[0]
+                kind = elem
+        return pos
+    except (ValueError, KeyError, struct.error):
+        return None
+
+
+def _check_model(buf, spec: ModelSpec) -> None:
     major, minor = spec.schema_version
     if major != SCHEMA_MAJOR:
         _fail(

@@ -176,6 +176,10 @@ def test_hypothesis_mutations_load_identically_or_raise_format_error(bases, blob
         r["field"] for c, r in zip(cases, results) if c["reseal"] and r["outcome"] == "format"
     }
     assert len(fields - {"checksum_crc32"}) >= 20, sorted(fields)
+    # Every FormatError names a field and a byte offset.
+    unplaced = [(c, r) for c, r in zip(cases, results) if r["outcome"] == "format"]
+    unplaced = [(c, r) for c, r in unplaced if not r["field"] or r.get("offset") is None]
+    assert not unplaced, unplaced[:5]
     assert counts["format"] > 0 and counts["identical"] > 0, counts
 
 
@@ -649,3 +653,25 @@ def test_pool_window_work_is_bounded(tmp_path):
     with pytest.raises(FormatError, match="window elements") as e:
         escepe_rt.load(bomb)
     assert e.value.field == "nodes[0].pool.kernel"
+
+
+def test_locate_finds_what_the_accessors_find(blobs):
+    """verify.locate turns a FormatError's field path into the byte offset the reader uses."""
+    from escepe_rt import verify
+    from escepe_rt._fbs.Model import Model
+
+    for name, blob in blobs.items():
+        m = Model.GetRootAs(blob, 0)
+        for i in range(m.NodesLength()):
+            node = m.Nodes(i)
+            assert verify.locate(blob, f"nodes[{i}]") == node._tab.Pos, name
+            assert verify.locate(blob, f"nodes[{i}].output") == node._tab.Pos + node._tab.Offset(10)
+            inputs = node._tab.Vector(node._tab.Offset(8))
+            assert verify.locate(blob, f"nodes[{i}].inputs[0]") == inputs
+            assert verify.locate(blob, f"nodes[{i}].inputs[99]") == inputs - 4  # the vector
+        ex = m.Exits(m.ExitsLength() - 1)
+        threshold = ex._tab.Pos + ex._tab.Offset(8)
+        assert verify.locate(blob, f"exits[{m.ExitsLength() - 1}].threshold") == threshold
+        assert verify.locate(blob, "checksum_crc32") == m._tab.Pos + m._tab.Offset(10)
+        assert verify.locate(blob, "nodes[0] (vtable)") == m.Nodes(0)._tab.Pos
+        assert verify.locate(blob, "no_such_field") is None

@@ -379,7 +379,13 @@ def _worker(case_file: str) -> int:
             got = m.run_all_exits(x)
             m.predict(x)
         except FormatError as e:
-            return {"outcome": "format", "stage": stage, "field": e.field, "message": str(e)}
+            return {
+                "outcome": "format",
+                "stage": stage,
+                "field": e.field,
+                "offset": e.offset,
+                "message": str(e),
+            }
         except Exception as e:  # noqa: BLE001 - any other exception is what we look for
             import traceback
 
