@@ -596,3 +596,23 @@ def test_entropy_single_class():
     z = np.array([[3.0], [-2.0]], np.float32)
     np.testing.assert_array_equal(K.entropy(z), [0.0, 0.0])
     np.testing.assert_array_equal(K.max_softmax(z), [1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# decode fast paths (1-bit table, 8-per-word gather) against the numpy reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("k_small", [False, True])
+def test_decode_packed_fast_paths_match_reference(bits, k_small):
+    from escepe_rt import decode, encodings
+
+    rng = _seeded(bits * 2 + k_small)
+    k = 1 if (k_small and bits == 1) else (max(1, (1 << bits) - 3) if k_small else 1 << bits)
+    for count in (0, 1, 7, 8, 9, 63, 64, 1001):
+        idx = rng.integers(0, k, count)
+        packed = np.frombuffer(encodings.pack_indices(idx, bits), np.uint8)
+        codebook = rng.standard_normal(k).astype(np.float32)
+        got = decode.decode_packed(packed, bits, count, codebook)
+        np.testing.assert_array_equal(got, codebook[idx])
