@@ -3,9 +3,12 @@
 Activations are NHWC (or (N, F) for 2-D) so that the channel vector of one pixel is contiguous:
 im2col can then copy whole channel runs per kernel tap, and the per-channel epilogue
 (folded batch-norm scale/shift + activation) and depthwise/pooling loops vectorise over the
-innermost axis. Convolutions become one big (N*Ho*Wo, kh*kw*Cin) x (kh*kw*Cin, Cout) sgemm per
-group, which hands the heavy arithmetic to numpy's (multi-threaded) BLAS; everything around it
-(im2col, epilogues, depthwise, pooling) is plain deterministic numba loops (see _PARALLEL).
+innermost axis. A convolution is (N*Ho*Wo, kh*kw*Cin) x (kh*kw*Cin, Cout) sgemm per group, which
+hands the heavy arithmetic to numpy's BLAS. An ungrouped conv runs in blocks of output pixels:
+im2col of a block into a per-thread scratch buffer (at most COL_BLOCK_BYTES), sgemm, then one
+fused epilogue pass (scale/shift, optional residual add, activation) while the block is still in
+cache. Big convs are cut into chunks run by escepe_rt.parallel's threads (see there why not
+BLAS's own threads). Everything around the sgemm is plain deterministic numba loops.
 """
 
 from __future__ import annotations
@@ -50,11 +53,10 @@ _ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
 _F32 = np.float32
 _EMPTY = np.empty(0, dtype=_F32)
 
-# Row-parallel kernels are written with prange but compiled serially. Measured on a 2-core
-# box: numpy's OpenBLAS already runs sgemm on every core, and numba's default OpenMP pool
-# spin-waits after each parallel region, so alternating sgemm and parallel numba kernels made a
-# 3x3 conv ~6x slower (13 ms vs 2 ms); the serial kernels lose little because they are
-# memory-bound. Flip this only together with OMP_WAIT_POLICY=PASSIVE (or single-threaded BLAS).
+# Row-parallel kernels are written with prange but compiled serially: numba's OpenMP pool
+# spin-waits after each parallel region, which fought BLAS's threads (a 3x3 conv ~6x slower on
+# 2 cores), and numba's workqueue layer is not safe for concurrent predict() calls. Parallelism
+# comes from escepe_rt.parallel instead (Python threads running these nogil kernels).
 _PARALLEL = False
 
 # nogil: escepe_rt.parallel runs these kernels on several Python threads at once.

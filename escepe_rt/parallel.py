@@ -9,6 +9,9 @@ that the caller and the worker threads claim one at a time, each chunk a single-
 plus its numba im2col / epilogue (which release the GIL): when a worker does not get a core, the
 caller simply does its chunks, and im2col / epilogue run in parallel too.
 
+Side effect: while any predict() of any model is running, numpy's OpenBLAS runs single-threaded
+in the whole process (the previous thread count comes back when the last predict returns).
+
 Threads: ESCEPE_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use (at most
 8). 1 (or a BLAS other than OpenBLAS, whose thread count cannot be set here) leaves BLAS alone
 and runs every kernel on the calling thread.
