@@ -5,10 +5,16 @@ Two passes:
    table, vtable, vector and string must lie inside the file, be aligned, and
    strings must be UTF-8. It is driven by LAYOUT, a mirror of schema/escepe.fbs
    (a test checks that the two agree). After it, the generated accessors can
-   follow any offset without reading outside the file.
+   follow any offset without reading outside the file. Tables and vectors reached
+   more than once count each time (<= READ_BUDGET x the file), so shared offsets
+   cannot make parse() expand a small file.
 2. `check_model` checks meaning: versions, checksum, graph consistency and
    shape inference, tensor buffers against shapes and bit widths, every index
    < its codebook size (a numba scan), sections and exits.
+Nothing a small file declares can cost much more than its size says: decoded
+weights <= MAX_DECODED_PER_BYTE per byte, all of a sample's values <= 2^26
+elements, im2col columns and pooling windows bounded per sample (tests/test_fuzz.py
+builds a small file for each bound that once asked for GBs or hours).
 Every failure is a FormatError naming the field and the byte offset.
 """
 
