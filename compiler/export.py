@@ -881,7 +881,11 @@ def patch_thresholds(blob: bytes, thresholds: list[float]) -> bytes:
         if not slot:
             raise ValueError("this file stores no threshold fields to patch; re-export it")
         struct.pack_into("<f", out, ex._tab.Pos + slot, t)
-    return seal(out)
+    out = seal(out)
+    # Never hand back what the runtime would refuse (e.g. a NaN threshold).
+    verify.check_structure(out)
+    verify.check_model(out, fmt.parse(out))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

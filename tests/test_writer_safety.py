@@ -175,3 +175,16 @@ def test_sigkill_during_export_keeps_a_whole_file(old, mode):
         # Some complete file: the old one or one of the child's, never a partial one.
         escepe_rt.load(path).predict(np.zeros((1, 1, 6, 6), np.float32))
         _assert_intact(path, path.read_bytes(), allow_temp=True)
+
+
+def test_threshold_patch_refuses_what_the_verifier_rejects(old):
+    """Found by review: patch_thresholds (escepe calibrate) sealed a NaN threshold into a
+    file that load() then refused. It now verifies its output; the old file stays."""
+    path, before = old
+    with pytest.raises(FormatError) as e:
+        export_mod.patch_thresholds(before, [float("nan")])
+    assert e.value.field == "exits[0].threshold"
+    patched = export_mod.patch_thresholds(before, [0.25])
+    spec = escepe_rt.format.parse(patched)
+    assert [x.threshold for x in spec.exits] == [0.25]
+    _assert_intact(path, before)
