@@ -116,11 +116,15 @@ def torch_model_from_file(model):
     spec, ex = model.spec, model._executor
     modules = dict(net.named_modules())
     order = list(modules)
+    by_node_name = {k.replace(".", "_"): k for k in modules}  # the exporter's node names
     with torch.no_grad():
         for node in spec.nodes:
             if node.weight < 0:
                 continue
-            name = spec.tensors[node.weight].name.rsplit(".", 1)[0]
+            name = spec.tensors[node.weight].name.rsplit(".", 1)[0]  # "" in repacked files
+            name = name if name and name in modules else by_node_name.get(node.name)
+            if name is None:
+                return net  # unmapped: the caller's logits check reports "latency only"
             mod = modules[name]
             mod.weight.copy_(torch.from_numpy(np.array(ex.tensor(node.weight))))
             scale = None if node.scale < 0 else np.array(ex.tensor(node.scale))
