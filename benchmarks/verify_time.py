@@ -9,6 +9,7 @@ read from its cache), R repetitions of:
   parse            flatbuffer -> ModelSpec
   check_model      versions, CRC-32, tensors (every packed index < codebook size), graph
   crc32            zlib.crc32 over the file (part of check_model, shown for scale)
+  model_init       escepe_rt.Model(spec, buf): executor set-up, no decoding (lazy)
 Medians and minima in milliseconds; verify share = (check_structure + check_model) / load.
 The first load in the process (cold numba dispatch) is reported separately.
 
@@ -62,6 +63,7 @@ def measure(path: str, repeat: int) -> dict:
         "parse": _time(lambda: fmt.parse(buf), repeat),
         "check_model": _time(lambda: verify.check_model(buf, spec), repeat),
         "crc32": _time(lambda: zlib.crc32(buf), repeat),
+        "model_init": _time(lambda: escepe_rt.Model(spec, buf), repeat),
     }
     med = {k: statistics.median(v) for k, v in steps.items()}
     return {
