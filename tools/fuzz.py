@@ -258,7 +258,7 @@ def boundary_cases(base: str, fm: FileMap) -> list[dict]:
 def build_zoo(folder: str | os.PathLike) -> dict[str, str]:
     """Compile two tiny models covering conv/pool/linear/add/concat (needs torch).
 
-    zoo_coded: clustered, section 0 rANS-coded, section 1 bit-packed (+ raw scale/shift);
+    zoo_coded: clustered, section 0 rANS-coded, section 1 bit-packed, float16 scale/shift;
     zoo_raw: the same net with float32 weights.
     """
     import torch
@@ -313,6 +313,7 @@ def build_zoo(folder: str | os.PathLike) -> dict[str, str]:
         thresholds=[0.6, 0.0],
         index_encoding=["rans", "packed"],
         metadata={"fuzz": "base"},
+        channel_dtype="f16",
     )
     out["zoo_coded"] = str(coded)
     return out
