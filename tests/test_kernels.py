@@ -289,6 +289,27 @@ def test_conv2d_parallel_chunks_match_torch(hw, k, padding, residual, monkeypatc
         assert_close(got, ref)
 
 
+def test_concurrent_convs_share_the_pool_safely(monkeypatch):
+    """Several threads run chunked convs at once on one 2-worker pool: every answer equals
+    the one computed alone (no shared scratch buffer, no lost chunk)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from escepe_rt import parallel
+
+    monkeypatch.setattr(parallel, "POOL", parallel.Pool(3))
+    monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(K, "PARALLEL_MIN_ROWS", 4)
+    rng = _seeded(31)
+    cw = K.prepare_conv_weight(rng.standard_normal((24, 8, 3, 3), dtype=np.float32), 1)
+    xs = [rng.standard_normal((2, 9, 9 + i % 3, 8), dtype=np.float32) for i in range(12)]
+    alone = [K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU) for x in xs]
+    with ThreadPoolExecutor(6) as ex:
+        for _ in range(3):
+            got = list(ex.map(lambda x: K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU), xs))
+            for a, b in zip(got, alone):
+                np.testing.assert_array_equal(a, b)
+
+
 def test_pool_runs_every_chunk_once_and_reraises():
     from escepe_rt import parallel
 
