@@ -47,10 +47,10 @@ def _load_tool():
 
 fuzz = _load_tool()
 
-HYPOTHESIS_CASES = 4000  # per run of the hypothesis-generated family
+HYPOTHESIS_CASES = 3000  # per run of the hypothesis-generated family
 CASES_PER_EXAMPLE = 10  # hypothesis's fixed cost per example is ~5 ms: draw several cases each
 # The edge values for 32-bit fields; the size-relative ones are added per file.
-EDGES_32 = [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, (-4) & 0xFFFFFFFF]
+EDGES_32 = [0, 1, 0x7FFFFFFF, 0xFFFFFFFF, (-4) & 0xFFFFFFFF]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_crc_catches_what_it_covers(bases, blobs, maps):
     cases = []
     for name in sorted(maps):
         size = maps[name].size
-        step = max(1, size // 300)
+        step = max(1, size // 200)
         cases += [
             {"base": name, "muts": [["flip", p, p % 8]], "reseal": False}
             for p in range(0, size, step)

@@ -430,7 +430,7 @@ def run_cases(
 
     A worker that dies (signal, exit) or is silent for case_timeout seconds on one case
     is killed and the case recorded as "crash" / "hang"; a new worker takes the rest.
-    start_timeout covers the worker's imports and numba compilation before case 0.
+    start_timeout covers a worker's imports, numba compilation and its first case.
     """
     results: list[dict | None] = [None] * len(cases)
     start = 0
@@ -445,8 +445,7 @@ def run_cases(
                     stdout=subprocess.PIPE,
                     stderr=err,
                     cwd=ROOT,
-                    text=True,
-                    bufsize=1,
+                    bufsize=0,
                 )
             start = _drain(
                 proc, start, cases, results, case_timeout, start_timeout, err_path, progress
@@ -459,7 +458,8 @@ def _drain(proc, start, cases, results, case_timeout, start_timeout, err_path, p
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     current = None  # absolute index of the case in flight
-    started = False
+    started = False  # the worker began its first case
+    answered = 0  # cases this worker finished: its first also pays for first-call overheads
 
     def bug(at: int, outcome: str, message: str) -> int:
         if not started:
@@ -471,29 +471,37 @@ def _drain(proc, start, cases, results, case_timeout, start_timeout, err_path, p
             progress(results[at])
         return at + 1
 
+    pending = b""  # bytes read but not yet split into lines (select sees only the pipe)
+    fd = proc.stdout.fileno()
     try:
         while True:
-            timeout = case_timeout if started else start_timeout
-            if not sel.select(timeout):
-                proc.kill()
-                proc.wait()
-                return bug(
-                    current if current is not None else start,
-                    "hang",
-                    f"no answer within {timeout:.0f} s",
-                )
-            line = proc.stdout.readline()
-            if not line:  # EOF: the worker ended
-                rc = proc.wait()
-                if rc == 0 and current is None:
-                    return len(cases)
-                why = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-                return bug(current if current is not None else start, "crash", why)
+            if b"\n" not in pending:
+                timeout = case_timeout if answered else start_timeout
+                if not sel.select(timeout):
+                    proc.kill()
+                    proc.wait()
+                    return bug(
+                        current if current is not None else start,
+                        "hang",
+                        f"no answer within {timeout:.0f} s",
+                    )
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:  # EOF: the worker ended
+                    rc = proc.wait()
+                    if rc == 0 and current is None:
+                        return len(cases)
+                    why = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+                    return bug(current if current is not None else start, "crash", why)
+                pending += chunk
+                continue
+            raw, pending = pending.split(b"\n", 1)
+            line = raw.decode("utf-8", "replace")
             if line.startswith("S "):
                 current = start + int(line[2:])
                 started = True
             elif line.startswith("R ") and current is not None:
                 results[current] = json.loads(line[2:])
+                answered += 1
                 if progress:
                     progress(results[current])
                 current = None
