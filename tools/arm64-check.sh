@@ -28,7 +28,7 @@ DESELECT_ALWAYS=(
     tests/test_fuzz.py::test_harness_reports_crashes_and_hangs_with_the_mutation
 )
 # Deselected unless --full: sweeps of the pure-Python verifier (nothing architecture-specific
-# beyond what the other tests run) that take ~8 of the ~16 emulated minutes.
+# beyond what the other tests run) that take about half of the emulated time.
 DESELECT_QUICK=(
     tests/test_fuzz.py
     tests/test_format.py::test_every_resealed_byte_flip_raises_format_error_or_loads
@@ -52,8 +52,8 @@ Needs root (or debootstrap and qemu-user-static already installed: they are apt-
 installed when missing), Debian's package archive and PyPI.
 
 options:
-  --full             also run the verifier fuzzing and byte-flip sweeps (~16 min of pytest
-                     under qemu on 2 cores instead of ~9)
+  --full             also run the verifier fuzzing and byte-flip sweeps (pytest under qemu
+                     takes about twice as long: 10-16 min on 2 cores instead of 4-9)
   --cache DIR        where the root, wheels and logs are kept (default: .arm64-check/ in
                      the repository; the first run downloads ~90 MB of .debs and ~300 MB
                      of wheels, reruns reuse them)
