@@ -22,11 +22,6 @@ export QEMU_CPU="${QEMU_CPU:-cortex-a72}"
 # Test files to run; default: every tests/test_*.py that imports neither torch, onnx,
 # onnxruntime nor the compiler (which needs torch) at module level (see select_tests).
 TESTS="${ESCEPE_ARM64_TESTS:-}"
-# Deselected in every run: a wall-clock limit made for native speed (a 2 s per-case timeout
-# that a freshly started worker misses under qemu, so the test is flaky there).
-DESELECT_ALWAYS=(
-    tests/test_fuzz.py::test_harness_reports_crashes_and_hangs_with_the_mutation
-)
 # Deselected unless --full: sweeps of the pure-Python verifier (nothing architecture-specific
 # beyond what the other tests run) that take about half of the emulated time.
 DESELECT_QUICK=(
@@ -72,8 +67,6 @@ environment:
                        level; a test that needs torch inside uses pytest.importorskip)
   QEMU_CPU             emulated CPU (default: cortex-a72, a Raspberry Pi 4; qemu's default
                        CPU has SVE, which gives spurious floating-point warnings)
-Deselected always (flaky under emulation):
-$(printf '  %s\n' "${DESELECT_ALWAYS[@]}")
 Deselected unless --full (slow, pure-Python, run natively by the normal test suite):
 $(printf '  %s\n' "${DESELECT_QUICK[@]}")
 sys.executable in the emulated python is a wrapper script that runs qemu again, so tests
@@ -298,8 +291,8 @@ STATUS=0
 T0=$SECONDS
 ARGS=()
 for t in $TESTS; do ARGS+=("$REPO/$t"); done
-DESELECT=("${DESELECT_ALWAYS[@]}")
-[ "$FULL" = 1 ] || DESELECT+=("${DESELECT_QUICK[@]}")
+DESELECT=()
+[ "$FULL" = 1 ] || DESELECT=("${DESELECT_QUICK[@]}")
 for d in "${DESELECT[@]}"; do
     ARGS+=(--deselect "$d")  # node ids are relative to the rootdir
     log "deselected: $d"
