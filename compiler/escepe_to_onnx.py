@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
+
+from compiler.atomic import atomic_write
 
 log = logging.getLogger("escepe.escepe_to_onnx")
 
@@ -71,19 +72,7 @@ def escepe_to_onnx(
     model = escepe_rt.load(src, decode="lazy")
     proto = build_onnx(model, exit=exit, opset=opset)
     onnx.checker.check_model(proto, full_check=True)
-    dst = os.fspath(dst)
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(dst, proto.SerializeToString())
     names = [o.name for o in proto.graph.output]
     log.info("wrote %s (%d nodes, outputs %s)", dst, len(proto.graph.node), names)
     return names

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import nn
 
 import escepe_rt
 from compiler import cluster
+from compiler.atomic import atomic_write
 from compiler.graph import Graph, IRNode, UnsupportedOpError, capture
 from escepe_rt import format as fmt
 from escepe_rt import rans, verify
@@ -224,25 +224,6 @@ def check_fidelity(
                 f"{err:.3g}): the graph capture missed something, e.g. an in-place op (`+=`, "
                 "inplace=True) on a tensor that another name or view still refers to"
             )
-
-
-def atomic_write(path: str | os.PathLike, blob: bytes, check=None) -> None:
-    """Write to a temp file beside `path`, fsync, check(temp) if given, then rename over it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------- building

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compiler.atomic import atomic_path
+
 log = logging.getLogger("escepe.onnx_export")
 
 DEFAULT_OPSET = 17
@@ -116,10 +118,7 @@ def export_onnx(
     module = model if exits == "all" else SingleExit(model, _exit_index(exits, n_exits)).eval()
 
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             # the legacy exporter warns that it is deprecated on every call
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -150,13 +149,6 @@ def export_onnx(
                     verbose=False,
                     external_data=False,
                 )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     log.info("exported %s (%s, outputs %s)", path, exporter, names)
     return names
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from compiler.atomic import atomic_path
+
 log = logging.getLogger("escepe.train")
 
 
@@ -144,9 +146,8 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> dict:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def fit(

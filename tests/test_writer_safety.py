@@ -23,6 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import escepe_rt  # noqa: E402
+from compiler import atomic as atomic_mod  # noqa: E402
 from compiler import export as export_mod  # noqa: E402
 from escepe_rt.errors import FormatError  # noqa: E402
 
@@ -87,7 +88,7 @@ def test_write_failing_midway_keeps_the_old_file(old, monkeypatch):
 def test_short_write_keeps_the_old_file(old, monkeypatch):
     """The temp file gets half the bytes, then the write fails."""
     path, before = old
-    real_fdopen = os.fdopen
+    real_open = open
 
     class HalfWriter:
         def __init__(self, f):
@@ -106,7 +107,10 @@ def test_short_write_keeps_the_old_file(old, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(export_mod.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    # compiler.atomic writes the temp file with the builtin open(): shadow it there only
+    monkeypatch.setattr(
+        atomic_mod, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False
+    )
     with pytest.raises(OSError, match="Input/output"):
         _write(path, 1)
     _assert_intact(path, before)
@@ -188,3 +192,19 @@ def test_threshold_patch_refuses_what_the_verifier_rejects(old):
     spec = escepe_rt.format.parse(patched)
     assert [x.threshold for x in spec.exits] == [0.25]
     _assert_intact(path, before)
+
+
+def test_new_file_gets_the_umask_mode_and_a_replaced_file_keeps_its_mode(tmp_path):
+    """mkstemp makes 0600 files: the writer must not hide a model from other users."""
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.escepe"
+        _write(fresh, 0)
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.escepe"
+        _write(kept, 0)
+        os.chmod(kept, 0o640)
+        _write(kept, 1)
+        assert kept.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
