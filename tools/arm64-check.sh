@@ -23,7 +23,7 @@ export QEMU_CPU="${QEMU_CPU:-cortex-a72}"
 # onnxruntime nor the compiler (which needs torch) at module level (see select_tests).
 TESTS="${ESCEPE_ARM64_TESTS:-}"
 # Deselected unless --full: sweeps of the pure-Python verifier (nothing architecture-specific
-# beyond what the other tests run) that take about half of the emulated time.
+# beyond what the other tests run) that take ~40% of the emulated time.
 DESELECT_QUICK=(
     tests/test_fuzz.py
     tests/test_format.py::test_every_resealed_byte_flip_raises_format_error_or_loads
@@ -47,8 +47,8 @@ Needs root (or debootstrap and qemu-user-static already installed: they are apt-
 installed when missing), Debian's package archive and PyPI.
 
 options:
-  --full             also run the verifier fuzzing and byte-flip sweeps (pytest under qemu
-                     takes about twice as long: 10-16 min on 2 cores instead of 4-9)
+  --full             also run the verifier fuzzing and byte-flip sweeps (pytest under qemu:
+                     ~6.5 min instead of ~4 on an idle 2-core machine; twice that if busy)
   --cache DIR        where the root, wheels and logs are kept (default: .arm64-check/ in
                      the repository; the first run downloads ~90 MB of .debs and ~300 MB
                      of wheels, reruns reuse them)
