@@ -184,7 +184,7 @@ class Executor:
         return env
 
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
-        with parallel.POOL.blas_single_threaded():
+        with _threading_for(x_nhwc.shape[0]):
             return self._run_all_exits(x_nhwc)
 
     def _run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
@@ -196,7 +196,7 @@ class Executor:
         return out
 
     def predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
-        with parallel.POOL.blas_single_threaded():
+        with _threading_for(x_nhwc.shape[0]):
             return self._predict(x_nhwc, thresholds, policy)
 
     def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
@@ -362,3 +362,14 @@ def _run_node(node, p: dict, xs: list[np.ndarray]) -> np.ndarray:
 
 def _act(y: np.ndarray, act: int) -> np.ndarray:
     return y if act == kernels.ACT_NONE else kernels.activate(y, act)
+
+
+# Batches smaller than this let BLAS thread each conv's sgemm; larger ones use the runtime's
+# own chunked threads (escepe_rt.parallel). Only batch 1 and 32 were measured (see blas_threaded).
+OWN_THREADS_MIN_BATCH = 2
+
+
+def _threading_for(batch: int):
+    if batch < OWN_THREADS_MIN_BATCH:
+        return parallel.POOL.blas_threaded()
+    return parallel.POOL.blas_single_threaded()

@@ -566,7 +566,7 @@ def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw,
     geom = (w.kh, w.kw, sh, sw, ph, pw, dh, dw, ho, wo)
     epi = (sc, sf, has_sc, has_sf, act)
     pool = parallel.POOL
-    if pool.threads == 1 or m * k * cout < PARALLEL_MIN_MACS:
+    if not pool.chunking_here() or m * k * cout < PARALLEL_MIN_MACS:
         _conv_rows(x, wmat, out2d, res2d, 0, m, pointwise, geom, epi)
         return
     if m >= 2 * PARALLEL_MIN_ROWS:  # row chunks, two per thread: a late worker costs little

@@ -637,3 +637,27 @@ def test_decode_packed_fast_paths_match_reference(bits, k_small):
         codebook = rng.standard_normal(k).astype(np.float32)
         got = decode.decode_packed(packed, bits, count, codebook)
         np.testing.assert_array_equal(got, codebook[idx])
+
+
+def test_blas_threaded_runs_convs_whole_with_the_same_answer(monkeypatch):
+    """Batch 1 leaves threading to BLAS (no chunks on that thread); the answer is the same."""
+    from escepe_rt import parallel
+
+    pool = parallel.Pool(3)
+    monkeypatch.setattr(parallel, "POOL", pool)
+    monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(K, "PARALLEL_MIN_ROWS", 4)
+    rng = _seeded(41)
+    cw = K.prepare_conv_weight(rng.standard_normal((24, 8, 3, 3), dtype=np.float32), 1)
+    x = rng.standard_normal((1, 10, 10, 8), dtype=np.float32)
+    chunks = []
+    real_run = pool.run
+    monkeypatch.setattr(pool, "run", lambda fn, n: (chunks.append(n), real_run(fn, n)))
+    chunked = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
+    assert chunks and pool.chunking_here()
+    chunks.clear()
+    with pool.blas_threaded():
+        assert not pool.chunking_here()
+        whole = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
+    assert chunks == [] and pool.chunking_here()
+    assert_close(whole, chunked, tol=1e-6)
