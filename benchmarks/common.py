@@ -45,6 +45,15 @@ ACCURACY_NOTE = (
 )
 
 
+def threads_from_argv(default: int = 2) -> int:
+    """--threads from the command line, read before numpy & co. are imported."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", type=int, default=default)
+    return pre.parse_known_args()[0].threads
+
+
 def set_thread_env(threads: int) -> None:
     """Pin every library's thread count via the environment (call before importing numpy)."""
     for k in THREAD_ENV:

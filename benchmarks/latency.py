@@ -33,18 +33,11 @@ import argparse
 import os
 import sys
 
-
-def _threads_from_argv() -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--threads", type=int, default=2)
-    return pre.parse_known_args()[0].threads
-
-
 # Thread env vars must be in place before numpy / torch / numba / onnxruntime are imported.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (stdlib-only at import time)
 
-THREADS = _threads_from_argv()
+THREADS = common.threads_from_argv()
 common.set_thread_env(THREADS)
 
 import logging  # noqa: E402
