@@ -19,6 +19,7 @@ from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
 from escepe_rt.errors import FormatError
 from escepe_rt.format import ModelSpec, buffer_bytes
+from escepe_rt.summary import node_macs
 
 # Samples per chunk: bounds peak memory for big batches (activations of the
 # widest layer x CHUNK), large enough that sgemm stays efficient.
@@ -65,6 +66,12 @@ class Executor:
         self.decoded_sections: set[int] = set()
         self._live_after = [sorted(v) for v in self._live_values()]
         self._fused = _fusable_adds(spec) if fuse else {}
+        # Batch 1 hands threading to BLAS only where a conv is big enough to be cut into chunks;
+        # small models keep BLAS single-threaded, so no idle BLAS thread spins after predict.
+        self._blas_threads_at_batch1 = any(
+            n.op == OpCode.CONV2D and node_macs(spec, n) >= kernels.PARALLEL_MIN_MACS
+            for n in spec.nodes
+        )
         if decode_mode == "eager":
             for s in range(len(spec.sections)):
                 self.section_params(s)
@@ -183,8 +190,13 @@ class Executor:
         env[0] = x_nhwc
         return env
 
+    def _threading_for(self, batch: int):
+        if batch < OWN_THREADS_MIN_BATCH and self._blas_threads_at_batch1:
+            return parallel.POOL.blas_threaded()
+        return parallel.POOL.blas_single_threaded()
+
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
-        with _threading_for(x_nhwc.shape[0]):
+        with self._threading_for(x_nhwc.shape[0]):
             return self._run_all_exits(x_nhwc)
 
     def _run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
@@ -196,7 +208,7 @@ class Executor:
         return out
 
     def predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
-        with _threading_for(x_nhwc.shape[0]):
+        with self._threading_for(x_nhwc.shape[0]):
             return self._predict(x_nhwc, thresholds, policy)
 
     def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
@@ -364,12 +376,8 @@ def _act(y: np.ndarray, act: int) -> np.ndarray:
     return y if act == kernels.ACT_NONE else kernels.activate(y, act)
 
 
-# Batches smaller than this let BLAS thread each conv's sgemm; larger ones use the runtime's
-# own chunked threads (escepe_rt.parallel). Only batch 1 and 32 were measured (see blas_threaded).
+# Batches smaller than this let BLAS thread each big conv's sgemm (models with a conv of at least
+# kernels.PARALLEL_MIN_MACS); larger ones use the runtime's own chunked threads
+# (escepe_rt.parallel). Only batch 1 and 32 were measured (see Pool.blas_threaded).
 OWN_THREADS_MIN_BATCH = 2
 
-
-def _threading_for(batch: int):
-    if batch < OWN_THREADS_MIN_BATCH:
-        return parallel.POOL.blas_threaded()
-    return parallel.POOL.blas_single_threaded()
