@@ -318,19 +318,8 @@ def _node_step(node, p: dict):
 
 
 def _run_node(node, p: dict, xs: list[np.ndarray]) -> np.ndarray:
+    """Every op but CONV2D and CONCAT, which _node_step binds directly."""
     op, act = node.op, node.activation
-    if op == OpCode.CONV2D:
-        o = node.options["conv"]
-        return kernels.conv2d(
-            xs[0],
-            p["weight"],
-            p["scale"],
-            p["shift"],
-            tuple(o["stride"]),
-            tuple(o["padding"]),
-            tuple(o["dilation"]),
-            act,
-        )
     if op == OpCode.LINEAR:
         return kernels.linear(xs[0], p["weight"], p["scale"], p["shift"], act)
     if op == OpCode.AFFINE:
@@ -339,8 +328,6 @@ def _run_node(node, p: dict, xs: list[np.ndarray]) -> np.ndarray:
         return kernels.activate(xs[0], act)
     if op == OpCode.ADD:
         return kernels.add(xs[0], xs[1], act)
-    if op == OpCode.CONCAT:
-        return _act(kernels.concat_channels(xs), act)
     if op == OpCode.FLATTEN:
         return _act(kernels.flatten_nchw(xs[0]), act)
     if op == OpCode.MAX_POOL2D:
@@ -380,4 +367,3 @@ def _act(y: np.ndarray, act: int) -> np.ndarray:
 # kernels.PARALLEL_MIN_MACS); larger ones use the runtime's own chunked threads
 # (escepe_rt.parallel). Only batch 1 and 32 were measured (see Pool.blas_threaded).
 OWN_THREADS_MIN_BATCH = 2
-
