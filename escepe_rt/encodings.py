@@ -37,7 +37,12 @@ ENCODINGS: dict[int, EncodingInfo] = {
     Encoding.PACKED_INDICES: EncodingInfo(Encoding.PACKED_INDICES, "packed", 1, 8, True),
     Encoding.RANS_INDICES: EncodingInfo(Encoding.RANS_INDICES, "rans", 0, 0, True),
     Encoding.RAW_F16: EncodingInfo(Encoding.RAW_F16, "raw_f16", 0, 0, False),
+    Encoding.RANS_INTERLEAVED: EncodingInfo(
+        Encoding.RANS_INTERLEAVED, "rans_interleaved", 0, 0, True
+    ),
 }
+# Entropy-coded encodings: variable length, self-describing header (checked at load).
+RANS_ENCODINGS = (Encoding.RANS_INDICES, Encoding.RANS_INTERLEAVED)
 # Raw (codebook-free) encodings: numpy dtype of their little-endian values.
 RAW_DTYPES = {Encoding.RAW_F32: "<f4", Encoding.RAW_F16: "<f2"}
 
@@ -80,4 +85,8 @@ def decode_reference(
         from escepe_rt import rans
 
         return np.asarray(codebook, dtype=np.float32)[rans.decode_reference(data)]
+    if encoding == Encoding.RANS_INTERLEAVED:
+        from escepe_rt import rans_interleaved
+
+        return np.asarray(codebook, dtype=np.float32)[rans_interleaved.decode_reference(data)]
     raise ValueError(f"unknown encoding {encoding}")

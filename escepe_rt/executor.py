@@ -86,9 +86,12 @@ class Executor:
         if t.encoding == Encoding.RAW_F16:  # format 1.2: widened to float32 once, at decode
             return data.view("<f2").astype(np.float32).reshape(t.shape)
         codebook = self.spec.codebooks[t.codebook][1]
-        if t.encoding == Encoding.RANS_INDICES:
+        if t.encoding in (Encoding.RANS_INDICES, Encoding.RANS_INTERLEAVED):
+            from escepe_rt import rans_interleaved  # format 1.3
+
+            coder = rans_interleaved if t.encoding == Encoding.RANS_INTERLEAVED else rans
             try:
-                values = rans.decode(data, codebook, expected_count=t.count)
+                values = coder.decode(data, codebook, expected_count=t.count)
             except rans.RansError as e:
                 at = self.spec.buffers[t.buffer][0] + (e.offset or 0)
                 raise FormatError(e.reason, field=f"tensors[{index}]", offset=at) from None

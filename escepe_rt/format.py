@@ -18,7 +18,7 @@ from escepe_rt.errors import FormatError
 
 FILE_IDENTIFIER = b"ESCP"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2
+SCHEMA_MINOR = 3
 BUFFER_ALIGNMENT = 64
 CHECKSUM_SLOT = 10  # vtable slot of Model.checksum_crc32 (4th field: 4 + 2*3)
 

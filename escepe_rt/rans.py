@@ -73,6 +73,7 @@ from escepe_rt.errors import FormatError
 PROB_BITS = 12
 MIN_PROB_BITS = 10
 MAX_PROB_BITS = 14
+QUANT_MAX_PROB_BITS = 15  # quantize_freqs serves both rANS coders
 MAX_SYMBOLS = 256
 RANS_L = 1 << 23  # lower bound of the normalised state interval [L, L << 8)
 
@@ -114,10 +115,13 @@ def quantize_freqs(counts: np.ndarray, prob_bits: int = PROB_BITS) -> np.ndarray
     Every symbol with count > 0 gets freq >= 1, unused symbols get 0. The result minimises the
     coded size sum(c * log2(M / f)) over integer frequencies: scale and round, then greedy
     unit moves by marginal cost (optimal for this separable convex objective). All-zero counts
-    give symbol 0 the whole range.
+    give symbol 0 the whole range. prob_bits may be 10..15 (RANS_INTERLEAVED reads up to 15;
+    16 would not fit a one-symbol table's freq in a u16).
     """
-    if not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
-        raise ValueError(f"prob_bits must be in {MIN_PROB_BITS}..{MAX_PROB_BITS}, got {prob_bits}")
+    if not MIN_PROB_BITS <= prob_bits <= QUANT_MAX_PROB_BITS:
+        raise ValueError(
+            f"prob_bits must be in {MIN_PROB_BITS}..{QUANT_MAX_PROB_BITS}, got {prob_bits}"
+        )
     c = np.asarray(counts)
     if c.ndim != 1 or not 1 <= c.shape[0] <= MAX_SYMBOLS:
         raise ValueError(f"counts must be a 1-D array of 1..{MAX_SYMBOLS} entries, got {c.shape}")

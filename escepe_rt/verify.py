@@ -32,7 +32,7 @@ from escepe_rt._fbs.Activation import Activation
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
-from escepe_rt.encodings import ENCODINGS, RAW_DTYPES
+from escepe_rt.encodings import ENCODINGS, RANS_ENCODINGS, RAW_DTYPES
 from escepe_rt.errors import FormatError
 from escepe_rt.format import (
     BUFFER_ALIGNMENT,
@@ -572,7 +572,7 @@ def _check_tensors(buf, spec: ModelSpec) -> None:
                 _fail(f"codebook index {t.codebook} out of range", path + ".codebook")
             k = len(spec.codebooks[t.codebook][1])
             data = buffer_bytes(buf, spec, t.buffer)
-            if t.encoding == Encoding.RANS_INDICES:
+            if t.encoding in RANS_ENCODINGS:
                 _check_rans(data, t, k, path, offset)
                 continue
             top = decode.max_index(data, t.bits, t.count)
@@ -602,10 +602,11 @@ def _check_rans(data: np.ndarray, t, k: int, path: str, offset: int) -> None:
     Symbols are < S by construction of the frequency table, so no index can
     exceed the codebook; the stream's end-state check runs when it is decoded.
     """
-    from escepe_rt import rans
+    from escepe_rt import rans, rans_interleaved
 
+    coder = rans_interleaved if t.encoding == Encoding.RANS_INTERLEAVED else rans
     try:
-        header = rans.parse_header(data)
+        header = coder.parse_header(data)
     except rans.RansError as e:
         _fail(e.reason, path, offset + (e.offset or 0))
     if header.num_symbols != k:

@@ -14,7 +14,10 @@ Only bump the golden file together with the schema version (escepe_rt/format.py 
 schema/escepe.fbs). Since 1.1 the two sections use the two index encodings
 (section 0 rANS, section 1 bit-packed), so both are pinned. Since 1.2 each section's
 tensors share one data buffer through buffer views; tests/test_repack.py checks that
-repacking the 1.1 golden file gives the 1.2 one byte for byte.
+repacking the 1.1 golden file gives the 1.2 one byte for byte. Since 1.3 section 0 uses
+the interleaved rANS coder (RANS_INTERLEAVED); repacking the 1.2 file with
+index_encoding=INDEX_ENCODING gives the 1.3 one, and tests/test_rans_interleaved.py
+checks that the 1.2 file's RANS_INDICES bytes are still what rans.encode writes.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ THRESHOLDS = [0.75, 0.0]
 LABELS = ["circle", "square", "triangle"]
 INPUT_MEAN = [0.5]
 INPUT_STD = [0.25]
-INDEX_ENCODING = ["rans", "packed"]
+INDEX_ENCODING = ["rans_interleaved", "packed"]
 METADATA = {"dataset": "synthetic", "recipe": "tests/make_golden.py", "accuracy": "0.5"}
 SECTION0_VALUES = np.array([-0.5, -0.25, 0.25, 0.5], dtype=np.float32)
 SECTION1_VALUES = np.array([-0.375, -0.125, 0.0, 0.125, 0.375], dtype=np.float32)

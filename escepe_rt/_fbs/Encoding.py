@@ -8,3 +8,4 @@ class Encoding(object):
     PACKED_INDICES = 1
     RANS_INDICES = 2
     RAW_F16 = 3
+    RANS_INTERLEAVED = 4
