@@ -47,7 +47,8 @@ def _load_tool():
 
 fuzz = _load_tool()
 
-HYPOTHESIS_CASES = 3000  # per run of the hypothesis-generated family
+HYPOTHESIS_CASES = 2600  # per run of the hypothesis-generated family
+RANS_INTERLEAVED_CASES = 400  # mutations aimed inside 1.3's interleaved rANS buffers
 CASES_PER_EXAMPLE = 10  # hypothesis's fixed cost per example is ~5 ms: draw several cases each
 # The issue's edge values for 32-bit fields; the size-relative ones are added per file.
 EDGES_32 = [0, 1, 0x7FFFFFFF, 0xFFFFFFFF, (-4) & 0xFFFFFFFF]
@@ -181,6 +182,51 @@ def test_hypothesis_mutations_load_identically_or_raise_format_error(bases, blob
     unplaced = [(c, r) for c, r in unplaced if not r["field"] or r.get("offset") is None]
     assert not unplaced, unplaced[:5]
     assert counts["format"] > 0 and counts["identical"] > 0, counts
+
+
+def _interleaved_buffers(blob: bytes) -> list[tuple[int, int]]:
+    """(file offset, length) of every RANS_INTERLEAVED tensor's bytes."""
+    from escepe_rt import format as fmt
+    from escepe_rt._fbs.Encoding import Encoding
+
+    spec = fmt.parse(blob)
+    return [spec.buffers[t.buffer] for t in spec.tensors if t.encoding == Encoding.RANS_INTERLEAVED]
+
+
+def test_rans_interleaved_buffer_mutations(bases, blobs):
+    """Flips, byte runs and header integers at edge values inside the interleaved rANS
+    buffers (header: symbols, prob_bits, lanes, count, freqs, lane states; the word stream),
+    re-sealed so that the rANS checks behind the CRC are what catches them."""
+    targets = {n: _interleaved_buffers(b) for n, b in blobs.items()}
+    targets = {n: t for n, t in targets.items() if t}
+    assert targets, "no base file uses RANS_INTERLEAVED"
+    rng = np.random.default_rng(5)
+    header = [(0, 2), (2, 1), (3, 1), (4, 4), (8, 2), (12, 4)]  # (offset, width) in the buffer
+    cases = []
+    for k in range(RANS_INTERLEAVED_CASES):
+        name = sorted(targets)[k % len(targets)]
+        start, length = targets[name][rng.integers(len(targets[name]))]
+        kind = k % 4
+        if kind == 0:
+            mut = ["flip", start + int(rng.integers(length)), int(rng.integers(8))]
+        elif kind == 1:
+            run = rng.integers(0, 256, int(rng.integers(1, 5)), dtype=np.uint8).tobytes()
+            mut = ["bytes", start + int(rng.integers(length)), run.hex()]
+        elif kind == 2:
+            off, width = header[int(rng.integers(len(header)))]
+            value = int(rng.choice([0, 1, 2, 3, 5, 9, 15, 16, 32, 33, (1 << 8 * width) - 1]))
+            mut = ["int", start + off, width, value & ((1 << 8 * width) - 1)]
+        else:  # a lane state or a stream word at an edge value
+            at = start + 20 + 2 * int(rng.integers(max(1, (length - 20) // 2)))
+            mut = ["int", at, 2, int(rng.choice([0, 1, 0x7FFF, 0xFFFF]))]
+        cases.append({"base": name, "muts": [mut], "reseal": bool(k % 8)})
+    results = fuzz.run_cases(bases, cases)
+    counts = _check(cases, results)
+    fields = Counter(
+        r["field"] for c, r in zip(cases, results) if c["reseal"] and r["outcome"] == "format"
+    )
+    assert counts["format"] > RANS_INTERLEAVED_CASES // 4, counts
+    assert any(f and f.startswith("tensors[") for f in fields), fields
 
 
 def test_truncation_at_every_boundary(bases, maps):
