@@ -267,7 +267,9 @@ def parse_header(buf) -> Header:
     low = np.flatnonzero(states < RANS_L)
     if low.size:
         j = int(low[0])
-        raise RansError(f"initial state of lane {j} {int(states[j]):#x} is below 2^16", soff + 4 * j)
+        raise RansError(
+            f"initial state of lane {j} {int(states[j]):#x} is below 2^16", soff + 4 * j
+        )
     if (n - stream_offset) % 2:
         raise RansError(
             f"word stream of {n - stream_offset} bytes is not a whole number of 16-bit words",
@@ -400,7 +402,8 @@ def _decode_loop(words, count, prob_bits, lanes, x, fb, table, out):
             ptr += need
         i += lanes
     # Checked tail: the last rounds (few words left) and a partial round.
-    for i in range(i, count):
+    start = i
+    for i in range(start, count):
         j = i & (lanes - 1)
         xj = x[j]
         slot = xj & mask
