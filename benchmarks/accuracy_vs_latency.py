@@ -9,8 +9,14 @@ test split (10,000 images, compiler.data.load_fashion_mnist(split="test")):
   confidence function, `>=` threshold, first exit that qualifies); this is checked against
   Model.predict itself on the first --check samples for every threshold (mismatches recorded).
 * latency of each threshold: Model.predict at batch 1 on the first --latency-samples test
-  images, timed one call at a time; every runtime and threshold is timed in the same loop,
-  interleaved sample by sample, so machine noise hits them alike.
+  images, timed one call at a time. Protocol (`--protocol blocks`, the default): the samples
+  are cut into --rounds slices; in each round every runtime/threshold times the round's slice
+  as one block, the block order rotating from round to round, with a --cooldown pause before
+  each block. Blocks, not per-call interleaving, because the runtimes' thread pools keep
+  spinning for a while after a call (onnxruntime's intra-op threads, OpenBLAS's, torch's
+  OpenMP) and steal the core from whichever runtime is called next; rotation spreads slow
+  drifts of the machine over every runtime alike. `--protocol interleaved` is the old
+  sample-by-sample loop.
 * reference points, full model (last exit): onnxruntime fp32 on the ONNX written from the same
   file (compiler.escepe_to_onnx, last exit only) and torch (the recipe's architecture with the
   file's decoded weights, BN set to the file's folded scale/shift; its logits are checked
@@ -58,6 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-samples", type=int, default=1000, help="batch-1 calls per runtime")
     p.add_argument("--check", type=int, default=1000, help="samples to check predict() on")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--protocol",
+        choices=("blocks", "interleaved"),
+        default="blocks",
+        help="time each runtime in blocks (default) or interleave them call by call",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="rounds of blocks (blocks protocol)")
+    p.add_argument("--cooldown", type=float, default=0.3, help="seconds of pause before each block")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference point")
     p.add_argument("--out", default="results/accuracy_vs_latency")
     p.add_argument("--quick", action="store_true", help="200 latency samples, 300 checked")
@@ -87,6 +101,35 @@ def simulate(logits: list[np.ndarray], conf: list[np.ndarray], thresholds: list[
 
 
 # ---------------------------------------------------------------------------- references
+
+
+def time_in_blocks(runners: dict, x: np.ndarray, rounds: int, cooldown: float) -> dict:
+    """{name: [seconds per call]}: round r times slice r of x on every runner, one block each,
+    the order rotated by r; a pause before each block lets the last runner's threads go idle."""
+    names = list(runners)
+    times = {k: [] for k in names}
+    slices = np.array_split(np.arange(len(x)), max(1, min(rounds, len(x))))
+    for r, idx in enumerate(slices):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            f = runners[k]
+            time.sleep(cooldown)
+            f(x[idx[0] : idx[0] + 1])  # one untimed call: wakes this runtime's threads
+            for i in idx:
+                t0 = time.perf_counter()
+                f(x[i : i + 1])
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def time_interleaved(runners: dict, x: np.ndarray) -> dict:
+    """{name: [seconds per call]}: every runner called on sample i before any on sample i+1."""
+    times = {k: [] for k in runners}
+    for i in range(len(x)):
+        for k, f in runners.items():
+            t0 = time.perf_counter()
+            f(x[i : i + 1])
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def torch_model_from_file(model):
@@ -237,7 +280,7 @@ def main(argv=None) -> int:
             else "weights could not be mapped: latency only",
         }
 
-    # batch-1 latency, every runtime interleaved sample by sample
+    # batch-1 latency of every runtime and threshold on the same samples
     runners = {}
     for p in points:
         m = escepe_rt.load(args.model, threshold=p["thresholds"], decode="eager")
@@ -254,14 +297,16 @@ def main(argv=None) -> int:
     for f in runners.values():  # warm-up
         for i in range(3):
             f(x[i : i + 1])
-    times = {k: [] for k in runners}
-    log.info("timing %d runtimes/thresholds x %d batch-1 calls ...", len(runners), n_lat)
-    for i in range(n_lat):
-        xi = x[i : i + 1]
-        for k, f in runners.items():
-            t0 = time.perf_counter()
-            f(xi)
-            times[k].append(time.perf_counter() - t0)
+    log.info(
+        "timing %d runtimes/thresholds x %d batch-1 calls (%s) ...",
+        len(runners),
+        n_lat,
+        args.protocol,
+    )
+    if args.protocol == "blocks":
+        times = time_in_blocks(runners, x[:n_lat], args.rounds, args.cooldown)
+    else:
+        times = time_interleaved(runners, x[:n_lat])
     stats = {
         k: {
             "mean_ms": 1e3 * float(np.mean(v)),
@@ -291,7 +336,13 @@ def main(argv=None) -> int:
     result = {
         "model": args.model,
         "data": f"Fashion-MNIST test split, {len(x)} images",
-        "latency": f"batch 1, first {n_lat} test images, {args.threads} threads, interleaved",
+        "latency": f"batch 1, first {n_lat} test images, {args.threads} threads, "
+        + (
+            f"{args.rounds} rounds of blocks (rotating order, {args.cooldown:g} s pause before "
+            "each block)"
+            if args.protocol == "blocks"
+            else "interleaved call by call"
+        ),
         "per_exit_accuracy": per_exit_acc,
         "macs_per_exit": macs,
         "points": points,
