@@ -243,7 +243,65 @@ def measure(
         first_call_ms=1e3 * warm[0],
         cpu_utilisation=(time.process_time() - cpu0) / wall if wall > 0 else math.nan,
         loadavg_1min=[load0, os.getloadavg()[0]],
+        samples_s=samples,
     )
+    return out
+
+
+def measure_rounds(
+    fns: dict[str, Callable[[int], object]],
+    batch: int,
+    *,
+    rounds: int,
+    cooldown_s: float,
+    seconds: float,
+    runs: int | None = None,
+    log_fn: Callable[[str], None] | None = None,
+    **kwargs,
+) -> dict[str, dict]:
+    """Time several runtimes side by side: `rounds` rounds, each timing every fn as one block
+    (:func:`measure` with seconds / rounds, or runs / rounds), the block order rotated by one
+    from round to round, with a `cooldown_s` pause before each block.
+
+    Why: on a shared machine the speed of memory and caches drifts by tens of percent over
+    minutes (other tenants), so one long block per runtime compares different machines; and a
+    runtime's thread pool keeps spinning for a moment after its last call, so calls interleaved
+    one by one slow whichever runtime comes next. Rotating blocks share the drift; the pause
+    lets each pool go idle. Returns {name: summary of all rounds' samples}, with the per-round
+    means (`round_means_ms`) so a reader can see the drift.
+    """
+    names = list(fns)
+    rounds = max(1, int(rounds))
+    per_round: dict[str, list[dict]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            time.sleep(cooldown_s)
+            res = measure(
+                fns[name],
+                batch,
+                seconds=seconds / rounds,
+                runs=None if runs is None else max(1, runs // rounds),
+                **kwargs,
+            )
+            per_round[name].append(res)
+            if log_fn is not None:
+                log_fn(f"  round {r + 1}/{rounds} {name} b{batch}: {res['mean_ms']:.3f} ms/batch")
+    out = {}
+    for name, parts in per_round.items():
+        samples = [t for p in parts for t in p["samples_s"]]
+        walls = [p["mean_ms"] * p["runs"] for p in parts]
+        res = summarize(samples, batch)
+        res.update(
+            rounds=rounds,
+            round_means_ms=[p["mean_ms"] for p in parts],
+            warmup_runs=sum(p["warmup_runs"] for p in parts),
+            first_call_ms=parts[0]["first_call_ms"],
+            cpu_utilisation=sum(p["cpu_utilisation"] * w for p, w in zip(parts, walls))
+            / max(sum(walls), 1e-12),
+            loadavg_1min=[parts[0]["loadavg_1min"][0], parts[-1]["loadavg_1min"][1]],
+        )
+        out[name] = res
     return out
 
 

@@ -14,6 +14,13 @@ Runtimes:
   ort_fp32_last    onnxruntime, fp32 ONNX of the last exit only (heads pruned)
   ort_int8         onnxruntime, static int8 QDQ (per-channel weights) of the all-exits model
 
+Timing protocol: for each batch size, --rounds rounds; in each round every runtime is timed as
+one block (--seconds / --rounds of calls, after its own warm-up), the block order rotating by one
+from round to round, with a --cooldown pause before each block. On a shared machine memory and
+cache speed drift by tens of percent from minute to minute, so one long block per runtime would
+compare different machines; calls interleaved one by one would let each runtime's spinning
+thread pool slow the next. The per-round means are in latency.json (round_means_ms).
+
 Accuracy is NOT measured: the weights are random. The thresholds stored in the .escepe file are
 chosen from quantiles of the max-softmax on the benchmark inputs so that a stated fraction of the
 samples leaves at each exit (--exit-fractions); the resulting exit histogram is recorded.
@@ -87,6 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=float, default=1.0, help="min warm-up seconds per config")
     p.add_argument("--runs", type=int, default=None, help="fixed timed runs (overrides --seconds)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds of blocks: each runtime's timed runs are split over this many rounds, the "
+        "block order rotating, so that machine drift hits every runtime alike (default 4)",
+    )
+    p.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.3,
+        help="seconds of pause before each block, for the last runtime's spinning threads to "
+        "go idle (default 0.3)",
+    )
     p.add_argument("--min-runs", type=int, default=5)
     p.add_argument("--max-runs", type=int, default=20000)
     p.add_argument(
@@ -659,18 +680,25 @@ def main(argv=None) -> int:
     latency = []
     for batch in args.batches:
         data = batches_of(setup["pool"], batch)
-        for name, run in runners.items():
-            log.info("timing %s batch %d ...", name, batch)
-            r = common.measure(
-                lambda i, run=run, data=data: run(*data[i % len(data)]),
-                batch,
-                seconds=args.seconds,
-                warmup_s=args.warmup,
-                min_runs=args.min_runs,
-                max_runs=args.max_runs,
-                runs=args.runs,
-                min_warmup=1 if args.quick else 2,
-            )
+        log.info("timing batch %d: %d rounds of blocks ...", batch, args.rounds)
+        fns = {
+            name: (lambda i, run=run, data=data: run(*data[i % len(data)]))
+            for name, run in runners.items()
+        }
+        timed = common.measure_rounds(
+            fns,
+            batch,
+            rounds=args.rounds,
+            cooldown_s=args.cooldown,
+            seconds=args.seconds,
+            runs=args.runs,
+            log_fn=log.info,
+            warmup_s=args.warmup / args.rounds,
+            min_runs=args.min_runs,
+            max_runs=args.max_runs,
+            min_warmup=1 if args.quick else 2,
+        )
+        for name, r in timed.items():
             r["runtime"] = name
             latency.append(r)
             log.info(
