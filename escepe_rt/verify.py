@@ -511,11 +511,17 @@ def _check_buffers(spec: ModelSpec) -> None:
         path = f"buffers[{i}]"
         table = spec.buffer_tables[i]
         if not 0 <= view_of < len(spec.buffer_views):
-            _fail(f"view_of {view_of} out of range (0..{len(spec.buffer_views) - 1})",
-                  path + ".view_of", table)
+            _fail(
+                f"view_of {view_of} out of range (0..{len(spec.buffer_views) - 1})",
+                path + ".view_of",
+                table,
+            )
         if spec.buffer_views[view_of][0] != -1:
-            _fail(f"views buffer {view_of}, itself a view (views of views are not allowed)",
-                  path + ".view_of", table)
+            _fail(
+                f"views buffer {view_of}, itself a view (views of views are not allowed)",
+                path + ".view_of",
+                table,
+            )
         if spec.raw_buffers[i][1]:
             _fail("a view must not hold data of its own", path + ".data", spec.raw_buffers[i][0])
         start, length = spec.raw_buffers[view_of]
@@ -612,8 +618,11 @@ def _check_rans(data: np.ndarray, t, k: int, path: str, offset: int) -> None:
     if header.num_symbols != k:
         _fail(f"rANS stream has {header.num_symbols} symbols, codebook has {k}", path, offset)
     if header.count != t.count:
-        _fail(f"rANS stream holds {header.count} indices, shape {t.shape} needs {t.count}",
-              path, offset)
+        _fail(
+            f"rANS stream holds {header.count} indices, shape {t.shape} needs {t.count}",
+            path,
+            offset,
+        )
 
 
 def _check_graph(spec: ModelSpec) -> None:
