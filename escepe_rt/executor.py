@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from escepe_rt import decode, kernels, parallel, rans
+from escepe_rt import decode, kernels, parallel, rans, rans_interleaved
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
@@ -86,17 +86,21 @@ class Executor:
         if t.encoding == Encoding.RAW_F16:  # format 1.2: widened to float32 once, at decode
             return data.view("<f2").astype(np.float32).reshape(t.shape)
         codebook = self.spec.codebooks[t.codebook][1]
-        if t.encoding in (Encoding.RANS_INDICES, Encoding.RANS_INTERLEAVED):
-            from escepe_rt import rans_interleaved  # format 1.3
-
-            coder = rans_interleaved if t.encoding == Encoding.RANS_INTERLEAVED else rans
-            try:
-                values = coder.decode(data, codebook, expected_count=t.count)
-            except rans.RansError as e:
-                at = self.spec.buffers[t.buffer][0] + (e.offset or 0)
-                raise FormatError(e.reason, field=f"tensors[{index}]", offset=at) from None
-            return values.reshape(t.shape)
+        if t.encoding in _RANS:
+            return self._decode_rans(index, codebook).reshape(t.shape)
         return decode.decode_packed(data, t.bits, t.count, codebook).reshape(t.shape)
+
+    def _decode_rans(self, index: int, codebook: np.ndarray | None) -> np.ndarray:
+        """An entropy-coded tensor: (count,) float32 = codebook[i], or the uint8 indices i
+        without a codebook; FormatError naming the tensor and the file offset."""
+        t = self.spec.tensors[index]
+        coder = rans_interleaved if t.encoding == Encoding.RANS_INTERLEAVED else rans
+        data = buffer_bytes(self._buf, self.spec, t.buffer)
+        try:
+            return coder.decode(data, codebook, expected_count=t.count)
+        except rans.RansError as e:
+            at = self.spec.buffers[t.buffer][0] + (e.offset or 0)
+            raise FormatError(e.reason, field=f"tensors[{index}]", offset=at) from None
 
     def section_params(self, s: int) -> dict:
         """Per node of section s, its weights in kernel-ready form; decoded once."""
@@ -147,6 +151,11 @@ class Executor:
         node = self.spec.nodes[i]
         if node.op == OpCode.CONV2D:
             groups = node.options["conv"]["groups"]
+            t = self.spec.tensors[node.weight]
+            if t.encoding in _RANS:  # indices gathered straight into the sgemm layout
+                codebook = self.spec.codebooks[t.codebook][1]
+                idx = self._decode_rans(node.weight, None)
+                return kernels.prepare_conv_weight_from_indices(idx, codebook, t.shape, groups)
             return kernels.prepare_conv_weight(self.tensor(node.weight), groups)
         return kernels.prepare_linear_weight(self.tensor(node.weight))
 
@@ -254,6 +263,7 @@ class Executor:
 
 
 _WEIGHTED = (OpCode.CONV2D, OpCode.LINEAR)
+_RANS = (Encoding.RANS_INDICES, Encoding.RANS_INTERLEAVED)
 
 
 def _fusable_adds(spec: ModelSpec) -> dict[int, tuple[int, int]]:

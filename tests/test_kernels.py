@@ -661,3 +661,45 @@ def test_blas_threaded_runs_convs_whole_with_the_same_answer(monkeypatch):
         whole = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
     assert chunks == [] and pool.chunking_here()
     assert_close(whole, chunked, tol=1e-6)
+
+
+# ---------------------------------------------------------------- conv weights from indices
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        ((16, 8, 3, 3), 1),
+        ((64, 64, 3, 3), 1),
+        ((7, 5, 1, 1), 1),
+        ((6, 3, 2, 5), 1),
+        ((12, 4, 3, 3), 2),
+        ((8, 2, 3, 3), 4),
+        ((16, 1, 3, 3), 8),  # depthwise with channel multiplier 2
+        ((8, 1, 3, 3), 8),  # depthwise
+        ((1, 1, 1, 1), 1),
+    ],
+)
+@pytest.mark.parametrize("k", [1, 4, 256])
+def test_conv_weight_from_indices_equals_float_path(shape, groups, k):
+    """Gathering codebook values straight into the sgemm layout == decoding to float32 in
+    stored order and preparing that (bit for bit)."""
+    rng = np.random.default_rng(sum(shape) * 31 + groups + k)
+    codebook = rng.standard_normal(k).astype(np.float32)
+    idx = rng.integers(0, k, size=int(np.prod(shape))).astype(np.uint8)
+    got = K.prepare_conv_weight_from_indices(idx, codebook, shape, groups)
+    want = K.prepare_conv_weight(codebook[idx].reshape(shape), groups)
+    assert got[:5] == want[:5]
+    for a, b in ((got.gemm, want.gemm), (got.dw, want.dw)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == np.float32 and a.flags.c_contiguous and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+
+
+def test_conv_weight_from_indices_rejects_bad_arguments():
+    cb = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="uint8"):
+        K.prepare_conv_weight_from_indices(np.zeros(10, np.uint8), cb, (2, 2, 3, 3), 1)
+    with pytest.raises(ValueError, match="uint8"):
+        K.prepare_conv_weight_from_indices(np.zeros(18, np.int64), cb, (2, 1, 3, 3), 1)
+    with pytest.raises(ValueError, match="divisible"):
+        K.prepare_conv_weight_from_indices(np.zeros(27, np.uint8), cb, (3, 1, 3, 3), 2)
