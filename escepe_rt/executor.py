@@ -62,6 +62,7 @@ class Executor:
         self._buf = buf
         self._params: list[dict | None] = [None] * len(spec.sections)
         self._plans: list[list | None] = [None] * len(spec.sections)
+        self._body_plans: list[list | None] = [None] * len(spec.sections)
         self._decode_lock = threading.Lock()
         self.decoded_sections: set[int] = set()
         self._live_after = [sorted(v) for v in self._live_values()]
@@ -193,9 +194,26 @@ class Executor:
             live.append(produced & later_inputs)
         return live
 
-    def run_section(self, s: int, env: list) -> None:
-        for fn, ins, out, _ in self._section_plan(s):
+    def run_section(self, s: int, env: list, with_exit: bool = True) -> None:
+        """Run section s on env in place; without `with_exit`, only the steps that later
+        sections need (exit s's head is skipped: nobody can leave there)."""
+        plan = self._section_plan(s) if with_exit else self._body_plan(s)
+        for fn, ins, out, _ in plan:
             env[out] = fn(*[env[v] for v in ins])
+
+    def _body_plan(self, s: int) -> list:
+        """Section s's steps minus those that only feed exit s's head (cached)."""
+        body = self._body_plans[s]
+        if body is None:
+            needed = set(self._live_after[s])
+            keep = []
+            for step in reversed(self._section_plan(s)):
+                _, ins, out, _ = step
+                if out in needed:
+                    keep.append(step)
+                    needed.update(ins)
+            body = self._body_plans[s] = keep[::-1]
+        return body
 
     def _env(self, x_nhwc: np.ndarray) -> list:
         env = [None] * len(self.spec.values)
@@ -234,6 +252,11 @@ class Executor:
         env = self._env(x_nhwc)
         last = len(self.spec.exits) - 1
         for s, ex in enumerate(self.spec.exits):
+            if s != last and not thresholds[s] <= 1.0:
+                # Confidences lie in [0, 1]: a threshold above 1 (or NaN) means nobody leaves
+                # here, so exit s's head is not computed at all (the dense setting).
+                self.run_section(s, env, with_exit=False)
+                continue
             self.run_section(s, env)
             logits = env[ex.logits]
             conf = confidence(logits, policy)

@@ -335,6 +335,23 @@ def test_threshold_above_one_runs_everything_to_the_last_exit(ee):
     _check_prediction(pred, want, confs, np.full(N_EE, len(want) - 1, np.int64))
 
 
+def test_unreachable_exit_heads_are_not_computed(ee):
+    """A threshold above 1 can never be met (confidences lie in [0, 1]): predict then skips
+    that exit's head entirely, and the answer is still the last exit's, bit for bit."""
+    model = escepe_rt.load(ee.path, threshold=1.5)
+    ex = model._executor
+    for s, e in enumerate(ex.spec.exits[:-1]):
+        full, body = ex._section_plan(s), ex._body_plan(s)
+        produced = {out for _, _, out, _ in body}
+        assert e.logits not in produced and len(body) < len(full)
+        assert set(ex._live_after[s]) <= produced | {0} | {
+            out for t in range(s) for _, _, out, _ in ex._section_plan(t)
+        }
+    pred = model.predict(ee.x)
+    np.testing.assert_array_equal(pred.logits, model.run_all_exits(ee.x)[-1])
+    np.testing.assert_array_equal(pred.exit_index, len(ex.spec.exits) - 1)
+
+
 # Per-exit thresholds: a number, or "mid" = a safe threshold near the median of that exit.
 THRESHOLD_PATTERNS = [
     "mid",  # one scalar for every exit
