@@ -405,6 +405,7 @@ def profile_escepe(path: str, data, runs: int) -> dict:
             new.append((timed, ins, out, i))
         wrapped_plans.append(new)
     ex._plans = wrapped_plans
+    ex._body_plans = [None] * len(wrapped_plans)  # rebuilt from the wrapped steps
     for k, fn in originals.items():
         setattr(rt_kernels, k, wrap_kernel(k, fn))
     try:
