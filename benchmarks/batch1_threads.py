@@ -16,8 +16,9 @@ Two micro-measurements explain the result:
 
   hand-off  parallel.POOL.run of two half-sgemms of a 28x28x16 -> 16 conv (784 x 144 x 16)
             against the same two calls in a row: the price of handing work to a Python thread
-  anatomy   one single-threaded conv per shape, split into im2col / sgemm / epilogue / rest
-            (Python, output allocation), the small convs of ResNet-20 and the Fashion model
+  anatomy   one single-threaded conv per shape on the direct micro-kernels
+            (escepe_rt/microkernel.py), and on im2col + sgemm split into its parts: the small
+            convs of the Fashion model and ResNet-20, and a ResNet-18 one
 
 Runtime only (no torch). Writes batch1_threads.json to --out and markdown to stdout.
 
@@ -45,7 +46,14 @@ from escepe_rt import executor, kernels, parallel  # noqa: E402
 
 MODES = ("single", "blas", "own")
 # (H, C, Cout) of 3x3 stride-1 convs at batch 1: Fashion / ResNet-20 stages, then ResNet-18's
-ANATOMY_SHAPES = [(28, 16, 16), (32, 16, 16), (14, 32, 32), (7, 64, 64), (4, 128, 128)]
+ANATOMY_SHAPES = [
+    (28, 16, 16),
+    (32, 16, 16),
+    (14, 32, 32),
+    (7, 64, 64),
+    (4, 128, 128),
+    (4, 512, 512),
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,29 +164,39 @@ def hand_off() -> dict:
 
 
 def _conv_anatomy(h: int, c: int, cout: int, rng) -> dict:
+    """One 3x3 conv on the direct micro-kernels, and on im2col + sgemm split into its parts."""
     x = rng.standard_normal((1, h, h, c), dtype=np.float32)
-    cw = kernels.prepare_conv_weight(rng.standard_normal((cout, c, 3, 3), dtype=np.float32), 1)
+    w = rng.standard_normal((cout, c, 3, 3), dtype=np.float32)
     sc = rng.random(cout, dtype=np.float32)
     sf = rng.random(cout, dtype=np.float32)
-    run = kernels.make_conv(cw, sc, sf, (1, 1), (1, 1), (1, 1), kernels.ACT_RELU)
+    relu = kernels.ACT_RELU
+    direct = kernels.make_conv(kernels.prepare_conv_weight(w, 1), sc, sf, 1, 1, 1, relu)
+    saved, kernels.DIRECT_CONV = kernels.DIRECT_CONV, False
+    try:
+        cw = kernels.prepare_conv_weight(w, 1)  # gemm layout: the im2col path
+    finally:
+        kernels.DIRECT_CONV = saved
+    plain = kernels.make_conv(cw, sc, sf, 1, 1, 1, relu)
     cols = np.empty((h * h, 9 * c), np.float32)
     o = np.empty((h * h, cout), np.float32)
     geom = (3, 3, 1, 1, 1, 1, 1, 1, h, h)
     with parallel.POOL.blas_single_threaded():
-        total = _best_us(lambda: run(x))
+        t_direct = _best_us(lambda: direct(x))
+        t_plain = _best_us(lambda: plain(x))
         im2col = _best_us(lambda: kernels._im2col_rows(x, cols, 0, *geom))
         sgemm = _best_us(lambda: np.dot(cols, cw.gemm[0], out=o))
-        epi = _best_us(lambda: kernels._epilogue(o, sc, sf, True, True, None, kernels.ACT_RELU))
-    macs = h * h * 9 * c * cout
+        epi = _best_us(lambda: kernels._epilogue(o, sc, sf, True, True, None, relu))
+    flop = 2e-3 * h * h * 9 * c * cout  # x 1e-3: GFLOP/s from microseconds
     return {
         "shape": f"{h}x{h}x{c} -> {cout}",
-        "conv_us": total,
+        "direct_us": t_direct,
+        "direct_gflop_s": flop / t_direct,
+        "im2col_path_us": t_plain,
         "im2col_us": im2col,
         "sgemm_us": sgemm,
         "epilogue_us": epi,
-        "rest_us": total - im2col - sgemm - epi,
-        "sgemm_gflop_s": 2e-3 * macs / sgemm,
-        "conv_gflop_s": 2e-3 * macs / total,
+        "sgemm_gflop_s": flop / sgemm,
+        "im2col_path_gflop_s": flop / t_plain,
     }
 
 
@@ -227,16 +245,26 @@ def main(argv=None) -> int:
     )
     print(
         common.markdown_table(
-            ["conv, batch 1, 1 thread", "us", "im2col", "sgemm", "epilogue", "rest", "GFLOP/s"],
+            [
+                "conv, batch 1, 1 thread",
+                "direct us",
+                "GFLOP/s",
+                "im2col path us",
+                "im2col",
+                "sgemm",
+                "epilogue",
+                "GFLOP/s",
+            ],
             [
                 [
                     r["shape"],
-                    r["conv_us"],
+                    r["direct_us"],
+                    r["direct_gflop_s"],
+                    r["im2col_path_us"],
                     r["im2col_us"],
                     r["sgemm_us"],
                     r["epilogue_us"],
-                    r["rest_us"],
-                    r["conv_gflop_s"],
+                    r["im2col_path_gflop_s"],
                 ]
                 for r in result["anatomy"]
             ],

@@ -14,6 +14,7 @@ BLAS's own threads). Everything around the sgemm is plain deterministic numba lo
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from escepe_rt import parallel
+from escepe_rt import microkernel, parallel
 
 __all__ = [
     "ACT_NONE",
@@ -51,6 +52,10 @@ ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
 _ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
 
 _F32 = np.float32
+# Ungrouped convs with Cout % microkernel.LANES == 0 (and no width dilation) run on the direct
+# SIMD micro-kernels (escepe_rt/microkernel.py) instead of im2col + sgemm; decided when the weight
+# is prepared. ESCEPE_DIRECT_CONV=0 switches them off (the tests compare both paths).
+DIRECT_CONV = os.environ.get("ESCEPE_DIRECT_CONV", "1").strip() != "0"
 _EMPTY = np.empty(0, dtype=_F32)
 
 # Row-parallel kernels are written with prange but compiled serially: numba's OpenMP pool
@@ -423,8 +428,11 @@ class ConvWeight(NamedTuple):
     """A conv weight prepared once per model load.
 
     ``gemm``: (groups, kh*kw*Cin_g, Cout_g) float32, row order (ky, kx, ci) matching im2col of
-    NHWC input; None for depthwise. ``dw``: (kh, kw, Cout) float32 for depthwise convs
-    (groups == Cin, Cin_g == 1, Cout = multiplier * Cin); None otherwise.
+    NHWC input; None for depthwise and for convs in ``panels``. ``dw``: (kh, kw, Cout) float32
+    for depthwise convs (groups == Cin, Cin_g == 1, Cout = multiplier * Cin); None otherwise.
+    ``panels``: (Cout / LANES, kh*kw*Cin, LANES) float32 for the direct micro-kernels (ungrouped,
+    Cout a multiple of microkernel.LANES): the same matrix as ``gemm``, cut into column panels
+    of LANES so that each panel streams contiguously; None otherwise.
     """
 
     Cout: int
@@ -434,6 +442,7 @@ class ConvWeight(NamedTuple):
     groups: int
     gemm: np.ndarray | None
     dw: np.ndarray | None
+    panels: np.ndarray | None = None
 
     @property
     def depthwise(self) -> bool:
@@ -455,10 +464,32 @@ def prepare_conv_weight(weight_oihw: np.ndarray, groups: int) -> ConvWeight:
         dw = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
         return ConvWeight(cout, cin, kh, kw, groups, None, dw)
     cout_g = cout // groups
+    if _uses_panels(cout, groups):
+        # (Cout, Cin, kh, kw) -> (Cout/L, L, kh, kw, Cin) -> (Cout/L, kh, kw, Cin, L)
+        p = w.reshape(cout // _LANES, _LANES, cin, kh, kw).transpose(0, 3, 4, 2, 1)
+        panels = np.ascontiguousarray(p).reshape(cout // _LANES, kh * kw * cin, _LANES)
+        return ConvWeight(cout, cin, kh, kw, 1, None, None, panels)
     # (G, Cout_g, Cin_g, kh, kw) -> (G, kh, kw, Cin_g, Cout_g) -> (G, kh*kw*Cin_g, Cout_g)
     g = w.reshape(groups, cout_g, cin_g, kh, kw).transpose(0, 3, 4, 2, 1)
     gemm = np.ascontiguousarray(g).reshape(groups, kh * kw * cin_g, cout_g)
     return ConvWeight(cout, cin, kh, kw, groups, gemm, None)
+
+
+_LANES = microkernel.LANES
+
+
+def _uses_panels(cout: int, groups: int) -> bool:
+    """Whether a conv runs on the direct micro-kernels (its weight prepared as panels)."""
+    return DIRECT_CONV and groups == 1 and cout % _LANES == 0
+
+
+def _gemm_of(w: ConvWeight) -> np.ndarray:
+    """The (kh*kw*Cin, Cout) sgemm matrix of an ungrouped conv, rebuilt from the panels if
+    needed (only a dilated conv with panels takes this copy, on every call)."""
+    if w.gemm is not None:
+        return w.gemm[0]
+    k = w.panels.shape[1]
+    return np.ascontiguousarray(w.panels.transpose(1, 0, 2)).reshape(k, w.Cout)
 
 
 def prepare_conv_weight_from_indices(
@@ -480,6 +511,11 @@ def prepare_conv_weight_from_indices(
     if groups > 1 and cin_g == 1:  # depthwise: small, use the plain path
         return prepare_conv_weight(cb[idx].reshape(cout, cin_g, kh, kw), groups)
     cout_g = cout // groups
+    if _uses_panels(cout, groups):
+        # the panels are the sgemm matrix of LANES-wide column blocks: gather block by block
+        panels = np.empty((cout // _LANES, kh * kw * cin_g, _LANES), dtype=_F32)
+        _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, panels)
+        return ConvWeight(cout, cin_g, kh, kw, 1, None, None, panels)
     gemm = np.empty((groups, kh * kw * cin_g, cout_g), dtype=_F32)
     _gather_gemm(idx, cb, cout_g, cin_g, kh * kw, gemm)
     return ConvWeight(cout, cin_g * groups, kh, kw, groups, gemm, None)
@@ -552,7 +588,7 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
             hw = geometry[(h, wd)] = (ho, wo)
         ho, wo = hw
         if residual is not None:
-            if w.gemm is None or w.groups != 1:
+            if w.dw is not None or w.groups != 1:
                 raise ValueError("a residual is only fused into an ungrouped conv")
             residual = _f32(residual)
             if residual.shape != (n, ho, wo, cout):
@@ -597,8 +633,11 @@ PARALLEL_MIN_ROWS = 64  # output pixels per row chunk; with fewer, the output ch
 def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw):
     """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows."""
     n, ho, wo, cout = out.shape
+    if w.panels is not None and dw == 1:
+        _conv_direct(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh)
+        return
     c = x.shape[3]
-    wmat = w.gemm[0]
+    wmat = _gemm_of(w)
     k = wmat.shape[0]
     m = n * ho * wo
     out2d = out.reshape(m, cout)
@@ -640,6 +679,55 @@ def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw,
             _epilogue_cols(part, out2d, c0, sc, sf, has_sc, has_sf, res, has_res, act)
 
     pool.run(channels, chunks)
+
+
+def _conv_direct(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh):
+    """out = act(conv(x, w) * scale + shift + residual) on the direct micro-kernels; big convs
+    are cut into output-channel blocks (or rows, when there are few blocks) for the pool. Own
+    threads even at batch 1: the kernel calls no BLAS, and one chunk is one nogil call."""
+    n, ho, wo, cout = out.shape
+    xp = microkernel.padded(x, ph, pw)
+    has_res = residual is not None
+    args = (
+        xp,
+        w.panels,
+        out,
+        residual if has_res else out,
+        has_res,
+        sc,
+        sf,
+        has_sc,
+        has_sf,
+        act,
+        (w.kh, w.kw, sh, sw, dh),
+    )
+    blocks = cout // microkernel.LANES
+    pixels = n * ho * wo
+    pool = parallel.POOL
+    macs = pixels * cout * w.kh * w.kw * x.shape[3]
+    if pool.threads == 1 or macs < PARALLEL_MIN_MACS:
+        microkernel.conv_direct(*args, 0, blocks, 0, pixels)
+        return
+    if blocks >= 2 * pool.threads or pixels < 16 * pool.threads:
+        chunks = min(blocks, 2 * pool.threads)
+        step = -(-blocks // chunks)
+
+        def by_blocks(i):
+            b0 = i * step
+            if b0 < blocks:
+                microkernel.conv_direct(*args, b0, min(blocks, b0 + step), 0, pixels)
+
+        pool.run(by_blocks, chunks)
+        return
+    chunks = 2 * pool.threads
+    step = -(-pixels // (chunks * 8)) * 8  # whole 8-pixel tiles per chunk
+
+    def by_pixels(i):
+        m0 = i * step
+        if m0 < pixels:
+            microkernel.conv_direct(*args, 0, blocks, m0, min(pixels, m0 + step))
+
+    pool.run(by_pixels, chunks)
 
 
 def _conv_rows(x, wmat, out2d, res2d, m0, m1, pointwise, geom, epi):

@@ -688,7 +688,7 @@ def test_conv_weight_from_indices_equals_float_path(shape, groups, k):
     got = K.prepare_conv_weight_from_indices(idx, codebook, shape, groups)
     want = K.prepare_conv_weight(codebook[idx].reshape(shape), groups)
     assert got[:5] == want[:5]
-    for a, b in ((got.gemm, want.gemm), (got.dw, want.dw)):
+    for a, b in ((got.gemm, want.gemm), (got.dw, want.dw), (got.panels, want.panels)):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.dtype == np.float32 and a.flags.c_contiguous and a.shape == b.shape
@@ -703,3 +703,76 @@ def test_conv_weight_from_indices_rejects_bad_arguments():
         K.prepare_conv_weight_from_indices(np.zeros(18, np.int64), cb, (2, 1, 3, 3), 1)
     with pytest.raises(ValueError, match="divisible"):
         K.prepare_conv_weight_from_indices(np.zeros(27, np.uint8), cb, (3, 1, 3, 3), 2)
+
+
+# ---------------------------------------------------------------- direct micro-kernel convs
+DIRECT_CASES = [
+    # (n, h, w, cin, cout, (kh, kw), stride, padding, dilation)
+    (1, 28, 28, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 7, 9, 5, 32, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (1, 4, 4, 64, 128, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 8, 8, 16, 48, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 9, 7, 3, 16, (5, 5), (2, 2), (2, 2), (1, 1)),
+    (1, 8, 8, 8, 16, (3, 3), (1, 1), (2, 2), (2, 1)),  # height dilation: direct
+    (1, 8, 8, 8, 16, (3, 3), (1, 1), (2, 2), (1, 2)),  # width dilation: im2col on panels
+    (2, 6, 11, 4, 16, (1, 3), (1, 2), (0, 1), (1, 1)),
+    (1, 1, 1, 7, 32, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 5, 13, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1)),  # 13 = 8 + 4 + 1 pixel tiles
+]
+
+
+def _conv_reference(x, w, stride, padding, dilation):
+    import torch
+
+    y = torch.nn.functional.conv2d(
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+        torch.from_numpy(w),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    return y.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=str)
+@pytest.mark.parametrize("epilogue", ["none", "scale_shift_relu", "residual_relu6"])
+def test_direct_conv_matches_torch_and_the_im2col_path(case, epilogue, monkeypatch):
+    """Convs on the direct micro-kernels (weights in panels) == torch, and == the same conv on
+    im2col + sgemm (weights in the gemm layout), for every epilogue."""
+    n, h, w, cin, cout, k, stride, padding, dilation = case
+    rng = np.random.default_rng(sum(case[:5]) + len(epilogue))
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    wt = rng.standard_normal((cout, cin, *k), dtype=np.float32)
+    ref = _conv_reference(x, wt, stride, padding, dilation)
+    sc = sf = res = None
+    act = K.ACT_NONE
+    if epilogue == "scale_shift_relu":
+        sc = rng.random(cout, dtype=np.float32) + 0.5
+        sf = rng.standard_normal(cout, dtype=np.float32)
+        ref, act = np.maximum(ref * sc + sf, 0.0), K.ACT_RELU
+    elif epilogue == "residual_relu6":
+        res = rng.standard_normal(ref.shape, dtype=np.float32)
+        ref, act = np.clip(ref + res, 0.0, 6.0), K.ACT_RELU6
+    direct = K.prepare_conv_weight(wt, 1)
+    assert direct.panels is not None and direct.gemm is None
+    got = K.conv2d(x, direct, sc, sf, stride, padding, dilation, act, residual=res)
+    monkeypatch.setattr(K, "DIRECT_CONV", False)
+    plain = K.prepare_conv_weight(wt, 1)
+    assert plain.panels is None and plain.gemm is not None
+    want = K.conv2d(x, plain, sc, sf, stride, padding, dilation, act, residual=res)
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * scale)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
+
+
+def test_direct_conv_threaded_chunks_match_one_call(monkeypatch):
+    """A conv big enough for the pool (blocks or rows split over threads) == one call."""
+    rng = np.random.default_rng(5)
+    for shape, cout in (((2, 16, 16, 32), 32), ((1, 4, 4, 64), 256)):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        cw = K.prepare_conv_weight(rng.standard_normal((cout, shape[3], 3, 3), np.float32), 1)
+        monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 1)
+        chunked = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
+        monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 1 << 62)
+        whole = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
+        np.testing.assert_array_equal(chunked, whole)
