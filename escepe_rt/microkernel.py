@@ -1,14 +1,14 @@
 """Direct convolution on register-blocked SIMD micro-kernels written in LLVM IR (numba intrinsics).
 
 Why not im2col + numpy's sgemm for every conv: at batch 1 the convs of small models are small
-(a 28x28x16 -> 16 conv is 3.6 MFLOP) and OpenBLAS reaches only ~45-80 GFLOP/s on such shapes
+(a 28x28x16 -> 16 conv is 3.6 MFLOP) and OpenBLAS reaches only ~40-70 GFLOP/s on such shapes
 (16 output channels), after an im2col pass that copies the input nine times. Plain numba loops do
 not help: LLVM keeps the accumulators in memory because it cannot prove they do not alias the
-inputs (3-11 GFLOP/s measured). So the inner kernel is written in LLVM IR directly: a tile of
-ROWS output pixels x LANES output channels lives in ROWS vector registers for the whole
-reduction, each step loads one weight vector and ROWS broadcast input values and issues ROWS
-fused multiply-adds (measured 113-115 GFLOP/s on one Zen 4 core for every shape tried, against
-73-96 for OpenBLAS; `benchmarks/batch1_threads.py`). LLVM lowers the generic <16 x float> type to
+inputs (prototypes ran several times slower than im2col + sgemm). So the inner kernel is written
+in LLVM IR directly: a tile of up to 8 output pixels x LANES output channels lives in vector
+registers for the whole reduction; each step loads one weight vector and one broadcast input
+value per pixel and issues one fused multiply-add per pixel (`benchmarks/batch1_threads.py`
+times it against im2col + sgemm per conv shape). LLVM lowers the generic <16 x float> type to
 whatever the target has: 1 AVX-512 register, 2 AVX2 registers, 4 NEON registers on a Pi/Jetson.
 
 The convolution reads its input in place (no im2col): for a fixed kernel row ky, the taps
