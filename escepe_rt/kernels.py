@@ -569,6 +569,7 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
     kh, kw, cout, cin = w.kh, w.kw, w.Cout, w.Cin
     sc, has_sc = _vec(scale, cout, "scale")
     sf, has_sf = _vec(shift, cout, "shift")
+    epi = _direct_epilogue(sc, sf, has_sc, has_sf, cout) if w.panels is not None else None
     geometry: dict[tuple[int, int], tuple[int, int]] = {}
 
     def run(x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
@@ -601,7 +602,9 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
         elif w.groups != 1:
             _conv_grouped(x, w, out, sc, sf, has_sc, has_sf, act, sh, sw, ph, pw, dh, dw, ho, wo)
         else:
-            _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw)
+            _conv_gemm(
+                x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw, epi
+            )
         return out
 
     return run
@@ -630,11 +633,23 @@ PARALLEL_MIN_MACS = 1 << 24
 PARALLEL_MIN_ROWS = 64  # output pixels per row chunk; with fewer, the output channels are split
 
 
-def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw):
-    """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows."""
+def _direct_epilogue(sc, sf, has_sc, has_sf, cout: int) -> np.ndarray:
+    """(2 * Cout,) float32: scale then shift for the direct kernels (ones / zeros if absent)."""
+    epi = np.empty(2 * cout, dtype=_F32)
+    epi[:cout] = sc if has_sc else 1.0
+    epi[cout:] = sf if has_sf else 0.0
+    return epi
+
+
+def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw, epi=None):
+    """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows
+    (or on the direct micro-kernels, for weights prepared as panels; `epi` from
+    _direct_epilogue, built here when not given)."""
     n, ho, wo, cout = out.shape
     if w.panels is not None and dw == 1:
-        _conv_direct(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh)
+        if epi is None:
+            epi = _direct_epilogue(sc, sf, has_sc, has_sf, cout)
+        _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh)
         return
     c = x.shape[3]
     wmat = _gemm_of(w)
@@ -681,7 +696,7 @@ def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw,
     pool.run(channels, chunks)
 
 
-def _conv_direct(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh):
+def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
     """out = act(conv(x, w) * scale + shift + residual) on the direct micro-kernels; big convs
     are cut into output-channel blocks (or rows, when there are few blocks) for the pool. Own
     threads even at batch 1: the kernel calls no BLAS, and one chunk is one nogil call."""
@@ -694,10 +709,7 @@ def _conv_direct(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, p
         out,
         residual if has_res else out,
         has_res,
-        sc,
-        sf,
-        has_sc,
-        has_sf,
+        epi,
         act,
         (w.kh, w.kw, sh, sw, dh),
     )

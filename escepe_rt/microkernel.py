@@ -34,18 +34,23 @@ LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
 
 def _make_tile(rows: int):
-    """An intrinsic computing one tile of `rows` output pixels x LANES channels:
+    """An intrinsic computing one tile of `rows` output pixels x LANES channels, epilogue
+    included (on the registers, before the one store):
 
-        c[c_off + r*ldc : +LANES] = sum over ky < kh, k < krow of
+        acc = sum over ky < kh, k < krow of
             a[offs[o0 + r] + ky*a_ky + k] * b[b_off + (ky*krow + k)*LANES : +LANES]
+        c[c_off + r*ldc : +LANES] = act(acc * scale[cb:] + shift[cb:] + (res[same] if has_res))
 
-    for r < rows. offs holds each pixel's input offset (pixels of a tile may span output rows);
-    b is a panel, kh*krow rows of LANES floats, contiguous. Offsets are in elements; the caller
-    guarantees every access is inside the arrays (there are no bounds checks here)."""
+    for r < rows; act 0 none, 1 relu, 2 relu6 (as kernels._act1: NaN -> 0). offs holds each
+    pixel's input offset (pixels of a tile may span output rows); b is a panel, kh*krow rows of
+    LANES floats, contiguous; scale and shift have >= cb + LANES entries (the caller passes ones
+    / zeros when the conv has none); res has c's layout (c itself when has_res is false). Offsets
+    are in elements; the caller guarantees every access is inside the arrays (there are no
+    bounds checks here)."""
 
     @intrinsic
-    def tile(typingctx, a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc):
-        sig = types.void(a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc)
+    def tile(typingctx, a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc, epi, res, ep):
+        sig = types.void(a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc, epi, res, ep)
 
         def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
@@ -125,9 +130,37 @@ def _make_tile(rows: int):
             builder.branch(ky_head)
 
             builder.position_at_end(done)
+            # epilogue: epi = [scale (cout), shift (cout)] flat; ep = (cb, cout, has_res, act)
+            ptr_e = context.make_array(signature.args[11])(context, builder, args[11]).data
+            ptr_r = context.make_array(signature.args[12])(context, builder, args[12]).data
+            cb, cout, has_res, act = cgutils.unpack_tuple(builder, args[13], 4)
+            cb, cout, has_res, act = (
+                context.cast(builder, v, t, types.int64)
+                for v, t in zip((cb, cout, has_res, act), signature.args[13].types)
+            )
+            sc = builder.load(builder.bitcast(builder.gep(ptr_e, [cb]), vptr), align=4)
+            sf_at = builder.gep(ptr_e, [builder.add(cout, cb)])
+            sf = builder.load(builder.bitcast(sf_at, vptr), align=4)
+            use_res = builder.icmp_signed("!=", has_res, ir.Constant(i64, 0))
+            is_relu = builder.icmp_signed("==", act, ir.Constant(i64, 1))
+            is_relu6 = builder.icmp_signed("==", act, ir.Constant(i64, 2))
+            fma_ = fma
+            vmax = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.v{LANES}f32"
+            )
+            vmin = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.minnum.v{LANES}f32"
+            )
+            six = ir.Constant(vty, [6.0] * LANES)
             for r in range(rows):
                 off = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
-                builder.store(accs_ky[r], builder.bitcast(builder.gep(ptr_c, [off]), vptr), align=4)
+                v = builder.call(fma_, [accs_ky[r], sc, sf])
+                rv = builder.load(builder.bitcast(builder.gep(ptr_r, [off]), vptr), align=4)
+                v = builder.fadd(v, builder.select(use_res, rv, zero))
+                relu = builder.call(vmax, [v, zero])
+                v = builder.select(is_relu, relu, v)
+                v = builder.select(is_relu6, builder.call(vmin, [relu, six]), v)
+                builder.store(v, builder.bitcast(builder.gep(ptr_c, [off]), vptr), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -144,25 +177,17 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 @_jit
-def _act1(v, act):
-    if act == 1:
-        return v if v > 0.0 else np.float32(0.0)
-    if act == 2:
-        return min(max(v, np.float32(0.0)), np.float32(6.0))
-    return v
-
-
-@_jit
-def conv_direct(xp, w, out, res, has_res, scale, shift, has_sc, has_sf, act, geom, b0, b1, m0, m1):
+def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     """out = act(conv(xp, w) * scale + shift + res) for channel blocks [b0, b1) (of LANES) and
     output pixels [m0, m1) (pixel m = (n * Ho + oy) * Wo + ox).
 
     xp: padded NHWC input (N, Hp, Wp, C), C-contiguous; w: panels (Cout / LANES, kh*kw*C,
-    LANES), rows (ky, kx, ci); out, res: (N, Ho, Wo, Cout). geom = (kh, kw, sh, sw, dh). The
-    caller checked the shapes: Cout % LANES == 0 and every tap of every output pixel lies inside
-    xp. Tiles are 8 consecutive output pixels (across output rows: each pixel has its own input
-    offset), channel blocks the outer loop: a block's panel (kh*kw*C x LANES floats, contiguous)
-    stays in cache while every pixel uses it.
+    LANES), rows (ky, kx, ci); out, res: (N, Ho, Wo, Cout) (res = out when has_res is false);
+    epi: (2 * Cout,) scale then shift (ones / zeros where the conv has none); act 0/1/2 (none,
+    relu, relu6). geom = (kh, kw, sh, sw, dh). The caller checked the shapes: Cout % LANES == 0
+    and every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
+    (across output rows: each pixel has its own input offset), channel blocks the outer loop: a
+    block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every pixel uses it.
     """
     kh, kw, sh, sw, dh = geom
     _, hp, wp, c = xp.shape
@@ -179,37 +204,26 @@ def conv_direct(xp, w, out, res, has_res, scale, shift, has_sc, has_sf, act, geo
         oy = t % ho
         n = t // ho
         offs[i] = ((n * hp + oy * sh) * wp + ox * sw) * c
-    flat = out.reshape(-1)
-    rflat = res.reshape(-1)
     for blk in range(b0, b1):
         cb = blk * LANES
         b_off = blk * panel
+        ep = (cb, cout, 1 if has_res else 0, act)
         i = 0
         while i < npx:
             left = npx - i
-            step = 8 if left >= 8 else (4 if left >= 4 else (2 if left >= 2 else 1))
             c_off = (m0 + i) * cout + cb
-            if step == 8:
-                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout)
-            elif step == 4:
-                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout)
-            elif step == 2:
-                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout)
+            if left >= 8:
+                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
+                i += 8
+            elif left >= 4:
+                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
+                i += 4
+            elif left >= 2:
+                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
+                i += 2
             else:
-                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout)
-            # epilogue on the tile while it is in L1
-            for p in range(step):
-                o = c_off + p * cout
-                for j in range(LANES):
-                    v = flat[o + j]
-                    if has_sc:
-                        v = v * scale[cb + j]
-                    if has_sf:
-                        v = v + shift[cb + j]
-                    if has_res:
-                        v = v + rflat[o + j]
-                    flat[o + j] = _act1(v, act)
-            i += step
+                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
+                i += 1
 
 
 def padded(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
