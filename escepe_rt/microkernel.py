@@ -33,6 +33,16 @@ from numba.extending import intrinsic
 LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
 
+def _phis(builder, ty, values, block) -> list:
+    """One phi of type ty per value, each starting with that value when entered from block."""
+    phis = []
+    for v in values:
+        phi = builder.phi(ty)
+        phi.add_incoming(v, block)
+        phis.append(phi)
+    return phis
+
+
 def _make_tile(rows: int):
     """An intrinsic computing one tile of `rows` output pixels x LANES channels, epilogue
     included (on the registers, before the one store):
@@ -85,11 +95,7 @@ def _make_tile(rows: int):
             builder.position_at_end(ky_head)  # for ky in range(kh)
             ky = builder.phi(i64)
             ky.add_incoming(ir.Constant(i64, 0), entry)
-            accs_ky = []
-            for _ in range(rows):
-                phi = builder.phi(vty)
-                phi.add_incoming(zero, entry)
-                accs_ky.append(phi)
+            accs_ky = _phis(builder, vty, [zero] * rows, entry)
             a_ky_off = builder.mul(ky, a_ky)
             a_rows = [builder.gep(ptr_a, [builder.add(a_base[r], a_ky_off)]) for r in range(rows)]
             lanes = ir.Constant(i64, LANES)
@@ -99,11 +105,7 @@ def _make_tile(rows: int):
             builder.position_at_end(k_head)  # for k in range(krow)
             k = builder.phi(i64)
             k.add_incoming(ir.Constant(i64, 0), ky_head)
-            accs = []
-            for r in range(rows):
-                phi = builder.phi(vty)
-                phi.add_incoming(accs_ky[r], ky_head)
-                accs.append(phi)
+            accs = _phis(builder, vty, accs_ky, ky_head)
             builder.cbranch(builder.icmp_signed("<", k, krow), k_body, ky_latch)
 
             builder.position_at_end(k_body)

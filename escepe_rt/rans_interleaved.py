@@ -79,7 +79,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from escepe_rt.rans import MAX_SYMBOLS, RansError, quantize_freqs
+from escepe_rt.rans import MAX_SYMBOLS, RansError, _slot_tables, quantize_freqs
 
 PROB_BITS = 12  # 14 measured no smaller on the shipped example, and its tables spill L1
 MIN_PROB_BITS = 10
@@ -350,24 +350,6 @@ def decode_reference(buf) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- numba decoder
-
-
-@numba.njit(cache=True, nogil=True)
-def _slot_tables(freq, prob_bits):
-    """Per-slot tables: sym[slot] and packed (freq << 16) | (slot - cum). ok=False if bad."""
-    m = 1 << prob_bits
-    sym = np.zeros(m, dtype=np.uint8)
-    fb = np.zeros(m, dtype=np.uint32)
-    pos = 0
-    for s in range(freq.shape[0]):
-        f = np.int64(freq[s])
-        if pos + f > m:
-            return sym, fb, False
-        for j in range(f):
-            sym[pos + j] = s
-            fb[pos + j] = np.uint32((f << 16) | j)
-        pos += f
-    return sym, fb, pos == m
 
 
 @numba.njit(cache=True, nogil=True)
