@@ -22,7 +22,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from escepe_rt import microkernel, parallel
+from escepe_rt import microkernel, parallel, spinpool
 
 __all__ = [
     "ACT_NONE",
@@ -630,6 +630,11 @@ def _scratch_cols(rows: int, k: int) -> np.ndarray:
 # Below this many multiply-adds a conv runs on the calling thread (a hand-off to a worker costs
 # tens of microseconds); above it, it is cut into chunks for escepe_rt.parallel.POOL.
 PARALLEL_MIN_MACS = 1 << 24
+# Direct convs of at least this many multiply-adds are shared with the spinning worker
+# (escepe_rt/spinpool.py; its hand-off is a few atomic operations, not a thread wake-up). Below
+# it, the ~10 us of dispatch per conv costs more than the second core saves (measured: a 1.8M-MAC
+# 28x28x16 conv took 44 us shared vs 38 us alone; 32x32x64, 37.7M MACs: 427 vs 689 us).
+PAIR_MIN_MACS = 1 << 22
 PARALLEL_MIN_ROWS = 64  # output pixels per row chunk; with fewer, the output channels are split
 
 
@@ -717,8 +722,19 @@ def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
     pixels = n * ho * wo
     pool = parallel.POOL
     macs = pixels * cout * w.kh * w.kw * x.shape[3]
-    if pool.threads == 1 or macs < PARALLEL_MIN_MACS:
+    if pool.threads == 1 or macs < PAIR_MIN_MACS:
         microkernel.conv_direct(*args, 0, blocks, 0, pixels)
+        return
+    if pool.threads == 2 or macs < PARALLEL_MIN_MACS:
+        # the caller + one spinning worker, handed over without the GIL (escepe_rt/spinpool.py)
+        if blocks >= 4:
+            step = -(-blocks // 4)
+            done = spinpool.PAIR.run(args, True, step, pixels, -(-blocks // step))
+        else:
+            step = -(-pixels // 32) * 8  # 4 chunks of whole 8-pixel tiles
+            done = spinpool.PAIR.run(args, False, step, pixels, -(-pixels // step))
+        if not done:  # another predict holds the worker: run alone
+            microkernel.conv_direct(*args, 0, blocks, 0, pixels)
         return
     if blocks >= 2 * pool.threads or pixels < 16 * pool.threads:
         chunks = min(blocks, 2 * pool.threads)

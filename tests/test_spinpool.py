@@ -1,0 +1,88 @@
+"""The spinning worker pair (escepe_rt/spinpool.py) against one plain call of the same conv."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from escepe_rt import kernels as K
+from escepe_rt import microkernel, spinpool
+
+
+def _conv(seed: int, n=1, h=12, w=10, cin=8, cout=48, stride=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    cw = K.prepare_conv_weight(rng.standard_normal((cout, cin, 3, 3), dtype=np.float32), 1)
+    xp = microkernel.padded(x, 1, 1)
+    ho = (h + 2 - 3) // stride + 1
+    wo = (w + 2 - 3) // stride + 1
+    out = np.empty((n, ho, wo, cout), np.float32)
+    res = rng.standard_normal(out.shape, dtype=np.float32)
+    epi = rng.standard_normal(2 * cout).astype(np.float32)
+    args = (xp, cw.panels, out, res, True, epi, K.ACT_RELU, (3, 3, stride, stride, 1))
+    return args, out
+
+
+def _reference(args, out):
+    ref = np.empty_like(out)
+    a = (args[0], args[1], ref, *args[3:])
+    microkernel.conv_direct(*a, 0, out.shape[3] // microkernel.LANES, 0, ref[..., 0].size)
+    return ref
+
+
+@pytest.mark.parametrize("by_blocks", [True, False])
+@pytest.mark.parametrize("chunks", [1, 2, 3, 7])
+def test_pair_run_equals_one_call(by_blocks, chunks):
+    args, out = _conv(chunks + 10 * by_blocks, n=2, stride=1 + chunks % 2)
+    blocks = out.shape[3] // microkernel.LANES
+    pixels = out[..., 0].size
+    total_units = blocks if by_blocks else pixels
+    step = -(-total_units // chunks)
+    if not by_blocks:
+        step = -(-step // 8) * 8
+    n = -(-total_units // step)
+    for _ in range(20):  # many jobs in a row: sequence numbers, chunk tags, reuse of the slot
+        out[...] = np.nan
+        assert spinpool.PAIR.run(args, by_blocks, step, pixels, n)
+        np.testing.assert_array_equal(out, _reference(args, out))
+
+
+def test_busy_slot_is_refused_and_callers_from_many_threads_stay_correct():
+    """Concurrent callers: one gets the worker, the others are told to run alone (False)."""
+    jobs = [_conv(100 + i, h=16, w=16, cout=64) for i in range(4)]
+    errors = []
+
+    def caller(args, out):
+        try:
+            for _ in range(30):
+                out[...] = np.nan
+                blocks = out.shape[3] // microkernel.LANES
+                if not spinpool.PAIR.run(args, True, 1, out[..., 0].size, blocks):
+                    microkernel.conv_direct(*args, 0, blocks, 0, out[..., 0].size)
+                np.testing.assert_array_equal(out, _reference(args, out))
+        except BaseException as e:  # reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_chunk_claims_are_tagged_with_the_job():
+    """A claim against a finished or older job takes nothing (the chunk counter carries the
+    job's sequence number)."""
+    args, out = _conv(7)
+    ctrl = np.zeros(8, dtype=np.int64)
+    ctrl[spinpool.NEXT] = 5 << spinpool.TAG  # job 5 posted, no chunk taken yet
+    out[...] = -1.0
+    spinpool._take_chunks(ctrl, 4, *args, True, 1, out[..., 0].size, 3)  # job 4: stale
+    assert ctrl[spinpool.NEXT] == 5 << spinpool.TAG and ctrl[spinpool.DONE] == 0
+    assert (out == -1.0).all()
+    spinpool._take_chunks(ctrl, 5, *args, True, 1, out[..., 0].size, 3)
+    assert ctrl[spinpool.NEXT] == (5 << spinpool.TAG) + 3 and ctrl[spinpool.DONE] == 3
+    np.testing.assert_array_equal(out, _reference(args, out))
