@@ -5,11 +5,16 @@ escepe_rt picks one of three ways to run a batch-1 predict (escepe_rt/executor.p
 escepe_rt/parallel.py); this script times all three on the same file, dense (every sample to
 the last exit), so the choice can be checked on a new machine:
 
-  single   numpy's OpenBLAS held at one thread, no conv cut into chunks: one core
-  blas     each conv whole, OpenBLAS threads its sgemm (the default for models with a conv
-           of >= 2^24 MACs, e.g. ResNet-18 width 64)
-  own      convs of >= 2^--own-min-macs-log2 MACs cut into row / channel chunks that the
+  single   numpy's OpenBLAS held at one thread, no im2col conv cut into chunks
+  blas     each im2col conv whole, OpenBLAS threads its sgemm (the default for models with a
+           conv of >= 2^24 MACs, e.g. ResNet-18 width 64)
+  own      im2col convs of >= 2^--own-min-macs-log2 MACs cut into row / channel chunks that the
            runtime's own Python threads claim (the default at batch >= 2)
+
+The modes only change convs on the im2col + sgemm path. Direct convs (Cout a multiple of 16,
+escepe_rt/microkernel.py) of >= 2^22 MACs always share their chunks with the spinning worker
+(escepe_rt/spinpool.py) and smaller ones run on the caller, whatever the mode: for models made
+only of those the three columns agree.
 
 Modes are timed in rotating rounds of blocks with a pause before each (as latency.py does).
 Two micro-measurements explain the result:
