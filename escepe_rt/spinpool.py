@@ -41,14 +41,20 @@ CHUNK_MASK = (1 << TAG) - 1
 SPIN_LIMIT = 1 << 21  # idle spins (~1-3 ms) before the worker parks
 
 
+def _word(context, builder, sig, args):
+    """Pointer to the int64 word arr[i] (args = arr, i, ...), and the other arguments as int64."""
+    ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+    ints = [context.cast(builder, a, t, types.int64) for a, t in zip(args[1:], sig.args[1:])]
+    return builder.gep(ptr, [ints[0]]), ints[1:]
+
+
 @intrinsic
 def _load(typingctx, arr, i):
     """arr[i] (int64) with an acquire load."""
 
     def codegen(context, builder, sig, args):
-        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        idx = context.cast(builder, args[1], sig.args[1], types.int64)
-        return builder.load_atomic(builder.gep(ptr, [idx]), "acquire", 8)
+        word, _ = _word(context, builder, sig, args)
+        return builder.load_atomic(word, "acquire", 8)
 
     return types.int64(arr, i), codegen
 
@@ -58,10 +64,8 @@ def _store(typingctx, arr, i, v):
     """arr[i] = v (int64) with a release store."""
 
     def codegen(context, builder, sig, args):
-        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        idx = context.cast(builder, args[1], sig.args[1], types.int64)
-        val = context.cast(builder, args[2], sig.args[2], types.int64)
-        builder.store_atomic(val, builder.gep(ptr, [idx]), "release", 8)
+        word, (val,) = _word(context, builder, sig, args)
+        builder.store_atomic(val, word, "release", 8)
         return context.get_dummy_value()
 
     return types.void(arr, i, v), codegen
@@ -72,11 +76,8 @@ def _cas(typingctx, arr, i, expected, new):
     """If arr[i] == expected: arr[i] = new, return True (acq_rel); else False."""
 
     def codegen(context, builder, sig, args):
-        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        idx = context.cast(builder, args[1], sig.args[1], types.int64)
-        exp = context.cast(builder, args[2], sig.args[2], types.int64)
-        val = context.cast(builder, args[3], sig.args[3], types.int64)
-        res = builder.cmpxchg(builder.gep(ptr, [idx]), exp, val, "acq_rel", "acquire")
+        word, (exp, val) = _word(context, builder, sig, args)
+        res = builder.cmpxchg(word, exp, val, "acq_rel", "acquire")
         return builder.extract_value(res, 1)
 
     return types.boolean(arr, i, expected, new), codegen
@@ -87,10 +88,8 @@ def _fetch_add(typingctx, arr, i, v):
     """old = arr[i]; arr[i] += v, atomically (acq_rel); returns old."""
 
     def codegen(context, builder, sig, args):
-        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        idx = context.cast(builder, args[1], sig.args[1], types.int64)
-        val = context.cast(builder, args[2], sig.args[2], types.int64)
-        return builder.atomic_rmw("add", builder.gep(ptr, [idx]), val, "acq_rel")
+        word, (val,) = _word(context, builder, sig, args)
+        return builder.atomic_rmw("add", word, val, "acq_rel")
 
     return types.int64(arr, i, v), codegen
 
