@@ -632,8 +632,9 @@ def _scratch_cols(rows: int, k: int) -> np.ndarray:
 PARALLEL_MIN_MACS = 1 << 24
 # Direct convs of at least this many multiply-adds are shared with the spinning worker
 # (escepe_rt/spinpool.py; its hand-off is a few atomic operations, not a thread wake-up). Below
-# it, the ~10 us of dispatch per conv costs more than the second core saves (measured: a 1.8M-MAC
-# 28x28x16 conv took 44 us shared vs 38 us alone; 32x32x64, 37.7M MACs: 427 vs 689 us).
+# it, the per-job Python work and the worker's join latency cost more than the second core saves
+# (measured ad hoc: a 1.8M-MAC 28x28x16 conv took 44 us shared vs 38 us alone; a 37.7M-MAC
+# 32x32x64 one 427-499 us shared vs 689 us alone).
 PAIR_MIN_MACS = 1 << 22
 PARALLEL_MIN_ROWS = 64  # output pixels per row chunk; with fewer, the output channels are split
 
