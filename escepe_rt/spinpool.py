@@ -1,10 +1,11 @@
-"""A second core for small direct convolutions, handed over without the GIL.
+"""A second core for direct convolutions, handed over without the GIL.
 
 escepe_rt.parallel's Python pool costs ~50-110 us per hand-off on a small VM (a queue wake-up
-plus GIL hand-offs, `benchmarks/batch1_threads.py`), more than a whole 28x28x16 conv takes
-(~50 us), so small models used to run every conv on one core at batch 1. Here one worker thread
-waits for work by spinning inside a numba function that holds no GIL, and the caller publishes
-a conv from inside its own nogil call: the hand-off is a few atomic memory operations.
+plus GIL hand-offs, `benchmarks/batch1_threads.py`): a tenth of a 0.5 ms conv, more than a whole
+28x28x16 one. Here one worker thread waits for work by spinning inside a numba function that
+holds no GIL, and the caller publishes a conv from inside its own nogil call: the hand-off is a
+few atomic memory operations. kernels._conv_direct uses it for convs of >= PAIR_MIN_MACS (2^22)
+multiply-adds; below that the per-job Python work here still costs more than it saves.
 
 Protocol (all words of the int64 array `ctrl`, accessed with atomic acquire/release operations,
 so it is right on ARM's weak memory model too):
