@@ -103,6 +103,7 @@ def test_f16_channel_vectors_halve_their_bytes_and_keep_the_logits(tmp_path):
     assert channel and all(new.spec.tensors[t].encoding == Encoding.RAW_F16 for t in channel)
     for t in channel:
         assert new.spec.buffers[new.spec.tensors[t].buffer][1] == 2 * new.spec.tensors[t].count
+
     # Tensor bytes, not the file size: Finish pads the file to a multiple of 64, and the
     # tiny model's 15 channel values save 30 bytes (under 64 since 1.3's golden file).
     def tensor_bytes(m):
