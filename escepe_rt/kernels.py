@@ -485,7 +485,8 @@ def _uses_panels(cout: int, groups: int) -> bool:
 
 def _gemm_of(w: ConvWeight) -> np.ndarray:
     """The (kh*kw*Cin, Cout) sgemm matrix of an ungrouped conv, rebuilt from the panels if
-    needed (only a dilated conv with panels takes this copy, on every call)."""
+    needed (make_conv does it once for a width-dilated conv, which the direct kernels cannot
+    run)."""
     if w.gemm is not None:
         return w.gemm[0]
     k = w.panels.shape[1]
@@ -566,6 +567,8 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("stride/dilation must be >= 1 and padding >= 0")
     act = _check_act(activation)
+    if w.panels is not None and dw != 1:  # im2col + sgemm: its matrix rebuilt once, here
+        w = w._replace(gemm=_gemm_of(w)[None], panels=None)
     kh, kw, cout, cin = w.kh, w.kw, w.Cout, w.Cin
     sc, has_sc = _vec(scale, cout, "scale")
     sf, has_sf = _vec(shift, cout, "shift")
@@ -647,18 +650,16 @@ def _direct_epilogue(sc, sf, has_sc, has_sf, cout: int) -> np.ndarray:
     return epi
 
 
-def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw, epi=None):
-    """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows
-    (or on the direct micro-kernels, for weights prepared as panels; `epi` from
-    _direct_epilogue, built here when not given)."""
+def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw, epi):
+    """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows, or on
+    the direct micro-kernels for weights prepared as panels (make_conv leaves panels only where
+    dw == 1; `epi` is their packed scale/shift from _direct_epilogue)."""
     n, ho, wo, cout = out.shape
-    if w.panels is not None and dw == 1:
-        if epi is None:
-            epi = _direct_epilogue(sc, sf, has_sc, has_sf, cout)
+    if w.panels is not None:
         _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh)
         return
     c = x.shape[3]
-    wmat = _gemm_of(w)
+    wmat = w.gemm[0]
     k = wmat.shape[0]
     m = n * ho * wo
     out2d = out.reshape(m, cout)
