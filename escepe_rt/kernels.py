@@ -704,9 +704,10 @@ def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw,
 
 
 def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
-    """out = act(conv(x, w) * scale + shift + residual) on the direct micro-kernels; big convs
-    are cut into output-channel blocks (or rows, when there are few blocks) for the pool. Own
-    threads even at batch 1: the kernel calls no BLAS, and one chunk is one nogil call."""
+    """out = act(conv(x, w) * scale + shift + residual) on the direct micro-kernels. Big convs
+    are cut (microkernel.split) into channel blocks or runs of 8-pixel tiles, shared with the
+    spinning worker on 2 threads, or with escepe_rt.parallel's pool on more; at batch 1 too:
+    the kernel calls no BLAS, and one chunk is one nogil call."""
     n, ho, wo, cout = out.shape
     xp = microkernel.padded(x, ph, pw)
     has_res = residual is not None
@@ -729,35 +730,12 @@ def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
         return
     if pool.threads == 2 or macs < PARALLEL_MIN_MACS:
         # the caller + one spinning worker, handed over without the GIL (escepe_rt/spinpool.py)
-        if blocks >= 4:
-            step = -(-blocks // 4)
-            done = spinpool.PAIR.run(args, True, step, pixels, -(-blocks // step))
-        else:
-            step = -(-pixels // 32) * 8  # 4 chunks of whole 8-pixel tiles
-            done = spinpool.PAIR.run(args, False, step, pixels, -(-pixels // step))
-        if not done:  # another predict holds the worker: run alone
-            microkernel.conv_direct(*args, 0, blocks, 0, pixels)
+        by_blocks, step, n_chunks = microkernel.split(blocks, pixels, 4)
+        if not spinpool.PAIR.run(args, by_blocks, step, pixels, n_chunks):
+            microkernel.conv_direct(*args, 0, blocks, 0, pixels)  # worker busy: run alone
         return
-    if blocks >= 2 * pool.threads or pixels < 16 * pool.threads:
-        chunks = min(blocks, 2 * pool.threads)
-        step = -(-blocks // chunks)
-
-        def by_blocks(i):
-            b0 = i * step
-            if b0 < blocks:
-                microkernel.conv_direct(*args, b0, min(blocks, b0 + step), 0, pixels)
-
-        pool.run(by_blocks, chunks)
-        return
-    chunks = 2 * pool.threads
-    step = -(-pixels // (chunks * 8)) * 8  # whole 8-pixel tiles per chunk
-
-    def by_pixels(i):
-        m0 = i * step
-        if m0 < pixels:
-            microkernel.conv_direct(*args, 0, blocks, m0, min(pixels, m0 + step))
-
-    pool.run(by_pixels, chunks)
+    by_blocks, step, n_chunks = microkernel.split(blocks, pixels, 2 * pool.threads)
+    pool.run(lambda i: microkernel.conv_chunk(*args, by_blocks, step, pixels, i), n_chunks)
 
 
 def _conv_rows(x, wmat, out2d, res2d, m0, m1, pointwise, geom, epi):

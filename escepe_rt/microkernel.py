@@ -228,6 +228,28 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
                 i += 1
 
 
+@_jit
+def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i):
+    """Chunk i of a conv cut for threads: `step` channel blocks (by_blocks) or `step` of the
+    `total` output pixels (conv_direct's other arguments as there)."""
+    blocks = out.shape[3] // LANES
+    lo = i * step
+    if by_blocks:
+        conv_direct(xp, w, out, res, has_res, epi, act, geom, lo, min(blocks, lo + step), 0, total)
+    else:
+        conv_direct(xp, w, out, res, has_res, epi, act, geom, 0, blocks, lo, min(total, lo + step))
+
+
+def split(blocks: int, pixels: int, chunks: int) -> tuple[bool, int, int]:
+    """(by_blocks, step, n): about `chunks` chunks of a conv for conv_chunk: channel blocks when
+    there are enough of them (or too few pixels to share), else runs of whole 8-pixel tiles."""
+    if blocks >= chunks or pixels < 8 * chunks:
+        step = -(-blocks // min(blocks, chunks))
+        return True, step, -(-blocks // step)
+    step = -(-pixels // (chunks * 8)) * 8
+    return False, step, -(-pixels // step)
+
+
 def padded(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
     """x (N, H, W, C) with ph zero rows above and below and pw zero columns left and right."""
     if ph == 0 and pw == 0:

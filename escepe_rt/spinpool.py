@@ -104,7 +104,6 @@ def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks,
     (by_blocks) or `step` of the `total` output pixels. NEXT holds (seq << TAG) | next chunk and
     is claimed by compare-and-swap, so a worker still holding an older job's arguments can never
     take a chunk of a newer job."""
-    blocks = out.shape[3] // microkernel.LANES
     while True:
         v = _load(ctrl, NEXT)
         i = v & CHUNK_MASK
@@ -112,13 +111,7 @@ def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks,
             return
         if not _cas(ctrl, NEXT, v, v + 1):
             continue
-        lo = i * step
-        if by_blocks:
-            hi = min(blocks, lo + step)
-            microkernel.conv_direct(xp, w, out, res, has_res, epi, act, geom, lo, hi, 0, total)
-        else:
-            hi = min(total, lo + step)
-            microkernel.conv_direct(xp, w, out, res, has_res, epi, act, geom, 0, blocks, lo, hi)
+        microkernel.conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i)
         _fetch_add(ctrl, DONE, 1)
 
 
@@ -166,6 +159,7 @@ def warm() -> None:
     job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1), True, 1, 1, 1)
     ctrl = np.zeros(8, dtype=np.int64)  # a private slot: the worker never sees this job
     _run_job(ctrl, 1, *job)
+    microkernel.conv_chunk(*job[:-1], 0)  # the Python pool's entry (machines with > 2 threads)
     _take_and_wait.compile(tuple(numba.typeof(a) for a in (ctrl, 1, *job)))  # the worker's
 
 

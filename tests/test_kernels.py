@@ -765,14 +765,21 @@ def test_direct_conv_matches_torch_and_the_im2col_path(case, epilogue, monkeypat
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
 
 
-def test_direct_conv_threaded_chunks_match_one_call(monkeypatch):
-    """A conv big enough for the pool (blocks or rows split over threads) == one call."""
+@pytest.mark.parametrize("threads", [2, 4])
+def test_direct_conv_threaded_chunks_match_one_call(monkeypatch, threads):
+    """A conv big enough to share (blocks or pixel runs split over threads) == one call: on 2
+    threads with the spinning worker, on 4 with escepe_rt.parallel's pool."""
+    from escepe_rt import parallel
+
+    monkeypatch.setattr(parallel, "POOL", parallel.Pool(threads))
     rng = np.random.default_rng(5)
     for shape, cout in (((2, 16, 16, 32), 32), ((1, 4, 4, 64), 256)):
         x = rng.standard_normal(shape, dtype=np.float32)
         cw = K.prepare_conv_weight(rng.standard_normal((cout, shape[3], 3, 3), np.float32), 1)
-        monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 1)
+        for name in ("PARALLEL_MIN_MACS", "PAIR_MIN_MACS"):
+            monkeypatch.setattr(K, name, 1)
         chunked = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
-        monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 1 << 62)
+        for name in ("PARALLEL_MIN_MACS", "PAIR_MIN_MACS"):
+            monkeypatch.setattr(K, name, 1 << 62)
         whole = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
         np.testing.assert_array_equal(chunked, whole)
