@@ -67,10 +67,17 @@ class Executor:
         self.decoded_sections: set[int] = set()
         self._live_after = [sorted(v) for v in self._live_values()]
         self._fused = _fusable_adds(spec) if fuse else {}
-        # Batch 1 hands threading to BLAS only where a conv is big enough to be cut into chunks;
-        # small models keep BLAS single-threaded, so no idle BLAS thread spins after predict.
+        # Batch 1 hands threading to BLAS only where an im2col + sgemm conv is big enough to be
+        # cut into chunks (direct convs share work with their own worker and call no BLAS);
+        # other models keep BLAS single-threaded, so no idle BLAS thread spins after predict.
         self._blas_threads_at_batch1 = any(
-            n.op == OpCode.CONV2D and node_macs(spec, n) >= kernels.PARALLEL_MIN_MACS
+            n.op == OpCode.CONV2D
+            and node_macs(spec, n) >= kernels.PARALLEL_MIN_MACS
+            and not kernels.runs_direct(
+                spec.values[n.output].shape[0],
+                n.options["conv"]["groups"],
+                n.options["conv"]["dilation"][1],
+            )
             for n in spec.nodes
         )
         if decode_mode == "eager":

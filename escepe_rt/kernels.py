@@ -479,8 +479,13 @@ _LANES = microkernel.LANES
 
 
 def _uses_panels(cout: int, groups: int) -> bool:
-    """Whether a conv runs on the direct micro-kernels (its weight prepared as panels)."""
+    """Whether a conv's weight is prepared as panels for the direct micro-kernels."""
     return DIRECT_CONV and groups == 1 and cout % _LANES == 0
+
+
+def runs_direct(cout: int, groups: int, dilation_w: int) -> bool:
+    """Whether a conv runs on the direct micro-kernels (no BLAS) rather than im2col + sgemm."""
+    return _uses_panels(cout, groups) and dilation_w == 1
 
 
 def _gemm_of(w: ConvWeight) -> np.ndarray:
@@ -567,7 +572,7 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("stride/dilation must be >= 1 and padding >= 0")
     act = _check_act(activation)
-    if w.panels is not None and dw != 1:  # im2col + sgemm: its matrix rebuilt once, here
+    if w.panels is not None and not runs_direct(w.Cout, w.groups, dw):  # matrix rebuilt once
         w = w._replace(gemm=_gemm_of(w)[None], panels=None)
     kh, kw, cout, cin = w.kh, w.kw, w.Cout, w.Cin
     sc, has_sc = _vec(scale, cout, "scale")
