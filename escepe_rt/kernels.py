@@ -52,7 +52,7 @@ ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
 _ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6)
 
 _F32 = np.float32
-# Ungrouped convs with Cout % microkernel.LANES == 0 (and no width dilation) run on the direct
+# Ungrouped convs with Cout >= microkernel.LANES / 2 (and no width dilation) run on the direct
 # SIMD micro-kernels (escepe_rt/microkernel.py) instead of im2col + sgemm; decided when the weight
 # is prepared. ESCEPE_DIRECT_CONV=0 switches them off (the tests compare both paths).
 DIRECT_CONV = os.environ.get("ESCEPE_DIRECT_CONV", "1").strip() != "0"
@@ -430,9 +430,9 @@ class ConvWeight(NamedTuple):
     ``gemm``: (groups, kh*kw*Cin_g, Cout_g) float32, row order (ky, kx, ci) matching im2col of
     NHWC input; None for depthwise and for convs in ``panels``. ``dw``: (kh, kw, Cout) float32
     for depthwise convs (groups == Cin, Cin_g == 1, Cout = multiplier * Cin); None otherwise.
-    ``panels``: (Cout / LANES, kh*kw*Cin, LANES) float32 for the direct micro-kernels (ungrouped,
-    Cout a multiple of microkernel.LANES): the same matrix as ``gemm``, cut into column panels
-    of LANES so that each panel streams contiguously; None otherwise.
+    ``panels``: (ceil(Cout / LANES), kh*kw*Cin, LANES) float32 for the direct micro-kernels
+    (ungrouped, Cout >= LANES / 2): the same matrix as ``gemm``, cut into column panels of LANES
+    so that each panel streams contiguously, the last one zero-padded past Cout; None otherwise.
     """
 
     Cout: int
@@ -465,9 +465,13 @@ def prepare_conv_weight(weight_oihw: np.ndarray, groups: int) -> ConvWeight:
         return ConvWeight(cout, cin, kh, kw, groups, None, dw)
     cout_g = cout // groups
     if _uses_panels(cout, groups):
-        # (Cout, Cin, kh, kw) -> (Cout/L, L, kh, kw, Cin) -> (Cout/L, kh, kw, Cin, L)
-        p = w.reshape(cout // _LANES, _LANES, cin, kh, kw).transpose(0, 3, 4, 2, 1)
-        panels = np.ascontiguousarray(p).reshape(cout // _LANES, kh * kw * cin, _LANES)
+        # (Cp, Cin, kh, kw) -> (Cp/L, L, kh, kw, Cin) -> (Cp/L, kh, kw, Cin, L), Cp = Cout
+        # rounded up to whole panels (zero weights past Cout)
+        blocks = -(-cout // _LANES)
+        if blocks * _LANES != cout:
+            w = np.concatenate([w, np.zeros((blocks * _LANES - cout, cin, kh, kw), _F32)])
+        p = w.reshape(blocks, _LANES, cin, kh, kw).transpose(0, 3, 4, 2, 1)
+        panels = np.ascontiguousarray(p).reshape(blocks, kh * kw * cin, _LANES)
         return ConvWeight(cout, cin, kh, kw, 1, None, None, panels)
     # (G, Cout_g, Cin_g, kh, kw) -> (G, kh, kw, Cin_g, Cout_g) -> (G, kh*kw*Cin_g, Cout_g)
     g = w.reshape(groups, cout_g, cin_g, kh, kw).transpose(0, 3, 4, 2, 1)
@@ -479,8 +483,10 @@ _LANES = microkernel.LANES
 
 
 def _uses_panels(cout: int, groups: int) -> bool:
-    """Whether a conv's weight is prepared as panels for the direct micro-kernels."""
-    return DIRECT_CONV and groups == 1 and cout % _LANES == 0
+    """Whether a conv's weight is prepared as panels for the direct micro-kernels: ungrouped,
+    with at least half a panel of output channels (the zero lanes of a partial last panel are
+    computed and thrown away; below LANES / 2 channels im2col + sgemm wastes less)."""
+    return DIRECT_CONV and groups == 1 and cout >= _LANES // 2
 
 
 def runs_direct(cout: int, groups: int, dilation_w: int) -> bool:
@@ -494,8 +500,9 @@ def _gemm_of(w: ConvWeight) -> np.ndarray:
     run)."""
     if w.gemm is not None:
         return w.gemm[0]
-    k = w.panels.shape[1]
-    return np.ascontiguousarray(w.panels.transpose(1, 0, 2)).reshape(k, w.Cout)
+    blocks, k, lanes = w.panels.shape
+    full = w.panels.transpose(1, 0, 2).reshape(k, blocks * lanes)
+    return np.ascontiguousarray(full[:, : w.Cout])
 
 
 def prepare_conv_weight_from_indices(
@@ -519,29 +526,33 @@ def prepare_conv_weight_from_indices(
     cout_g = cout // groups
     if _uses_panels(cout, groups):
         # the panels are the sgemm matrix of LANES-wide column blocks: gather block by block
-        panels = np.empty((cout // _LANES, kh * kw * cin_g, _LANES), dtype=_F32)
-        _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, panels)
+        panels = np.empty((-(-cout // _LANES), kh * kw * cin_g, _LANES), dtype=_F32)
+        _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, cout, panels)
         return ConvWeight(cout, cin_g, kh, kw, 1, None, None, panels)
     gemm = np.empty((groups, kh * kw * cin_g, cout_g), dtype=_F32)
-    _gather_gemm(idx, cb, cout_g, cin_g, kh * kw, gemm)
+    _gather_gemm(idx, cb, cout_g, cin_g, kh * kw, cout, gemm)
     return ConvWeight(cout, cin_g * groups, kh, kw, groups, gemm, None)
 
 
 @_jit
-def _gather_gemm(idx, codebook, cout_g, cin_g, taps, out):
-    """out[g, tap*cin_g + ci, co] = codebook[idx of weight (g*cout_g + co, ci, tap)].
+def _gather_gemm(idx, codebook, cout_g, cin_g, taps, cout, out):
+    """out[g, tap*cin_g + ci, co] = codebook[idx of weight (g*cout_g + co, ci, tap)], and 0 for
+    the channels g*cout_g + co >= cout (the padding of a partial last panel).
 
     One output row at a time (its cout_g values gathered at a stride of cin_g*taps bytes):
     each row is written whole and once, measured 2x faster than numpy's float transpose."""
     stride = cin_g * taps
     for g in range(out.shape[0]):
         gb = g * cout_g * stride
+        valid = min(cout_g, cout - g * cout_g)
         for tap in range(taps):
             for ci in range(cin_g):
                 row = out[g, tap * cin_g + ci]
                 b = gb + ci * taps + tap
-                for co in range(cout_g):
+                for co in range(valid):
                     row[co] = codebook[idx[b + co * stride]]
+                for co in range(valid, cout_g):
+                    row[co] = 0.0
 
 
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -639,19 +650,23 @@ def _scratch_cols(rows: int, k: int) -> np.ndarray:
 # tens of microseconds); above it, it is cut into chunks for escepe_rt.parallel.POOL.
 PARALLEL_MIN_MACS = 1 << 24
 # Direct convs of at least this many multiply-adds are shared with the spinning worker
-# (escepe_rt/spinpool.py; its hand-off is a few atomic operations, not a thread wake-up). Below
-# it, the per-job Python work and the worker's join latency cost more than the second core saves
-# (measured ad hoc: a 1.8M-MAC 28x28x16 conv took 44 us shared vs 38 us alone; a 37.7M-MAC
-# 32x32x64 one 427-499 us shared vs 689 us alone).
-PAIR_MIN_MACS = 1 << 22
+# (escepe_rt/spinpool.py: the worker never leaves its nogil loop, so a hand-off is a few atomic
+# operations). Below it, the join and the input's trip to the other core's cache cost more than
+# the second core saves (measured ad hoc through make_conv at batch 1: 28x28x16 -> 16 1x1, 0.2M
+# MACs, 15.0 -> 11.6 us shared; 7x7x32 -> 16 3x3, 0.23M, a tie; 7x7x16 -> 16 3x3, 0.11M, 6.3 ->
+# 7.2 us; 28x28x16 -> 16 3x3, 1.8M, 46 -> 29-34 us).
+PAIR_MIN_MACS = 1 << 18
 PARALLEL_MIN_ROWS = 64  # output pixels per row chunk; with fewer, the output channels are split
 
 
 def _direct_epilogue(sc, sf, has_sc, has_sf, cout: int) -> np.ndarray:
-    """(2 * Cout,) float32: scale then shift for the direct kernels (ones / zeros if absent)."""
-    epi = np.empty(2 * cout, dtype=_F32)
+    """(2 * Cp,) float32: scale then shift for the direct kernels (ones / zeros if absent), Cp =
+    Cout rounded up to whole panels (padded with ones / zeros)."""
+    cp = -(-cout // _LANES) * _LANES
+    epi = np.ones(2 * cp, dtype=_F32)
+    epi[cp:] = 0.0
     epi[:cout] = sc if has_sc else 1.0
-    epi[cout:] = sf if has_sf else 0.0
+    epi[cp : cp + cout] = sf if has_sf else 0.0
     return epi
 
 
@@ -726,7 +741,7 @@ def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
         act,
         (w.kh, w.kw, sh, sw, dh),
     )
-    blocks = cout // microkernel.LANES
+    blocks = w.panels.shape[0]
     pixels = n * ho * wo
     pool = parallel.POOL
     macs = pixels * cout * w.kh * w.kw * x.shape[3]

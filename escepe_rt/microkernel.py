@@ -49,14 +49,14 @@ def _make_tile(rows: int):
 
         acc = sum over ky < kh, k < krow of
             a[offs[o0 + r] + ky*a_ky + k] * b[b_off + (ky*krow + k)*LANES : +LANES]
-        c[c_off + r*ldc : +LANES] = act(acc * scale[cb:] + shift[cb:] + (res[same] if has_res))
+        c[c_off + r*ldc : +LANES] = act(acc * epi[cb:] + epi[cp + cb:] + (res[same] if has_res))
 
     for r < rows; act 0 none, 1 relu, 2 relu6 (as kernels._act1: NaN -> 0). offs holds each
     pixel's input offset (pixels of a tile may span output rows); b is a panel, kh*krow rows of
-    LANES floats, contiguous; scale and shift have >= cb + LANES entries (the caller passes ones
-    / zeros when the conv has none); res has c's layout (c itself when has_res is false). Offsets
-    are in elements; the caller guarantees every access is inside the arrays (there are no
-    bounds checks here)."""
+    LANES floats, contiguous; epi holds scale then shift, cp entries each (ep = (cb, cp, has_res,
+    act); the caller passes ones / zeros when the conv has none); res has c's layout (c itself
+    when has_res is false). Offsets are in elements; the caller guarantees every access is
+    inside the arrays (there are no bounds checks here)."""
 
     @intrinsic
     def tile(typingctx, a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc, epi, res, ep):
@@ -132,16 +132,16 @@ def _make_tile(rows: int):
             builder.branch(ky_head)
 
             builder.position_at_end(done)
-            # epilogue: epi = [scale (cout), shift (cout)] flat; ep = (cb, cout, has_res, act)
+            # epilogue: epi = [scale (cp), shift (cp)] flat; ep = (cb, cp, has_res, act)
             ptr_e = context.make_array(signature.args[11])(context, builder, args[11]).data
             ptr_r = context.make_array(signature.args[12])(context, builder, args[12]).data
-            cb, cout, has_res, act = cgutils.unpack_tuple(builder, args[13], 4)
-            cb, cout, has_res, act = (
+            cb, cp, has_res, act = cgutils.unpack_tuple(builder, args[13], 4)
+            cb, cp, has_res, act = (
                 context.cast(builder, v, t, types.int64)
-                for v, t in zip((cb, cout, has_res, act), signature.args[13].types)
+                for v, t in zip((cb, cp, has_res, act), signature.args[13].types)
             )
             sc = builder.load(builder.bitcast(builder.gep(ptr_e, [cb]), vptr), align=4)
-            sf_at = builder.gep(ptr_e, [builder.add(cout, cb)])
+            sf_at = builder.gep(ptr_e, [builder.add(cp, cb)])
             sf = builder.load(builder.bitcast(sf_at, vptr), align=4)
             use_res = builder.icmp_signed("!=", has_res, ir.Constant(i64, 0))
             is_relu = builder.icmp_signed("==", act, ir.Constant(i64, 1))
@@ -183,56 +183,114 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     """out = act(conv(xp, w) * scale + shift + res) for channel blocks [b0, b1) (of LANES) and
     output pixels [m0, m1) (pixel m = (n * Ho + oy) * Wo + ox).
 
-    xp: padded NHWC input (N, Hp, Wp, C), C-contiguous; w: panels (Cout / LANES, kh*kw*C,
-    LANES), rows (ky, kx, ci); out, res: (N, Ho, Wo, Cout) (res = out when has_res is false);
-    epi: (2 * Cout,) scale then shift (ones / zeros where the conv has none); act 0/1/2 (none,
-    relu, relu6). geom = (kh, kw, sh, sw, dh). The caller checked the shapes: Cout % LANES == 0
-    and every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
+    xp: padded NHWC input (N, Hp, Wp, C), C-contiguous; w: panels (ceil(Cout / LANES),
+    kh*kw*C, LANES), rows (ky, kx, ci), the last panel zero-padded when Cout % LANES != 0;
+    out, res: (N, Ho, Wo, Cout) (res = out when has_res is false); epi: (2 * Cp,) scale then
+    shift (ones / zeros where the conv has none), Cp = LANES * panels, padded like the panels;
+    act 0/1/2 (none, relu, relu6). geom = (kh, kw, sh, sw, dh). The caller checked the shapes:
+    every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
     (across output rows: each pixel has its own input offset), channel blocks the outer loop: a
     block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every pixel uses it.
+    A partial last block (Cout % LANES channels) computes its tiles into a LANES-wide scratch
+    and copies the valid channels out: the tiles load and store whole vectors.
     """
     kh, kw, sh, sw, dh = geom
     _, hp, wp, c = xp.shape
     _, ho, wo, cout = out.shape
+    cp = w.shape[0] * LANES  # epilogue stride: scale[0:cp], shift[cp:2cp]
     krow = kw * c  # reduction length of one kernel row (kx, ci): contiguous in xp
     a_ky = dh * wp * c
     panel = kh * krow * LANES
     npx = m1 - m0
+    # each pixel's input offset, walked without a division per pixel (two 64-bit divisions per
+    # pixel cost ~8 us on a 28x28 output, more than a 1x1 conv's multiply-adds)
     offs = np.empty(npx, dtype=np.int64)
+    ox = m0 % wo
+    t = m0 // wo
+    oy = t % ho
+    row = ((t // ho) * hp + oy * sh) * wp  # input pixel index of (n, oy * sh, 0)
     for i in range(npx):
-        m = m0 + i
-        ox = m % wo
-        t = m // wo
-        oy = t % ho
-        n = t // ho
-        offs[i] = ((n * hp + oy * sh) * wp + ox * sw) * c
+        offs[i] = (row + ox * sw) * c
+        ox += 1
+        if ox == wo:
+            ox = 0
+            oy += 1
+            row += sh * wp
+            if oy == ho:
+                oy = 0
+                row += (hp - ho * sh) * wp
     for blk in range(b0, b1):
         cb = blk * LANES
         b_off = blk * panel
-        ep = (cb, cout, 1 if has_res else 0, act)
+        ep = (cb, cp, 1 if has_res else 0, act)
+        valid = min(LANES, cout - cb)
+        if valid < LANES:
+            _partial_block(xp, offs, m0, kh, a_ky, krow, w, b_off, out, res, has_res, epi, ep)
+            continue
         i = 0
         while i < npx:
-            left = npx - i
             c_off = (m0 + i) * cout + cb
-            if left >= 8:
-                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
-                i += 8
-            elif left >= 4:
-                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
-                i += 4
-            elif left >= 2:
-                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
-                i += 2
-            else:
-                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
-                i += 1
+            left = npx - i
+            i += _tiles(xp, offs, i, left, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
+
+
+@_jit
+def _tiles(xp, offs, i, left, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep):
+    """The widest tile (8, 4, 2 or 1 pixels) that fits in `left` pixels; returns its width."""
+    if left >= 8:
+        _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
+        return 8
+    if left >= 4:
+        _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
+        return 4
+    if left >= 2:
+        _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
+        return 2
+    _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
+    return 1
+
+
+@_jit
+def _partial_block(xp, offs, m0, kh, a_ky, krow, w, b_off, out, res, has_res, epi, ep):
+    """The last channel block when Cout % LANES != 0: a tile runs on an (8, LANES) scratch (its
+    residual copied in, its valid channels copied out), so no vector store reaches past the
+    block's channels into another block's (or another chunk's pixels, or past the end of out)."""
+    cout = out.shape[3]
+    cb = ep[0]
+    valid = cout - cb
+    flat_out = out.ravel()
+    flat_res = res.ravel()
+    tmp = np.zeros((8, LANES), dtype=np.float32)
+    tmp_res = np.zeros((8, LANES), dtype=np.float32)
+    src = tmp.ravel()
+    src_res = tmp_res.ravel()
+    npx = offs.shape[0]
+    i = 0
+    while i < npx:
+        rows = min(8, npx - i)
+        at = (m0 + i) * cout + cb
+        if cout <= LANES and i + rows < npx:
+            # One partial panel only (Cout < LANES): each row's whole-vector store spills into
+            # the next pixel, which the next row or tile then overwrites, so every tile but
+            # the last stores straight into out (the last one's spill would leave the chunk).
+            i += _tiles(xp, offs, i, rows, kh, a_ky, krow, w, b_off, out, at, cout, epi, res, ep)
+            continue
+        if has_res:
+            for r in range(rows):
+                for k in range(valid):
+                    src_res[r * LANES + k] = flat_res[at + r * cout + k]
+        done = _tiles(xp, offs, i, rows, kh, a_ky, krow, w, b_off, tmp, 0, LANES, epi, tmp_res, ep)
+        for r in range(done):
+            for k in range(valid):
+                flat_out[at + r * cout + k] = src[r * LANES + k]
+        i += done
 
 
 @_jit
 def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i):
     """Chunk i of a conv cut for threads: `step` channel blocks (by_blocks) or `step` of the
     `total` output pixels (conv_direct's other arguments as there)."""
-    blocks = out.shape[3] // LANES
+    blocks = w.shape[0]
     lo = i * step
     if by_blocks:
         conv_direct(xp, w, out, res, has_res, epi, act, geom, lo, min(blocks, lo + step), 0, total)
@@ -255,10 +313,8 @@ def padded(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
     if ph == 0 and pw == 0:
         return x
     n, h, w, c = x.shape
-    xp = np.empty((n, h + 2 * ph, w + 2 * pw, c), dtype=np.float32)
-    xp[:, :ph] = 0.0
-    xp[:, ph + h :] = 0.0
-    xp[:, ph : ph + h, :pw] = 0.0
-    xp[:, ph : ph + h, pw + w :] = 0.0
+    # zeros + one strided copy: 2.4 us on a 28x28x16 input, vs 7.8 us for zeroing the four
+    # borders separately and 5 us for numba loops (which LLVM does not vectorise here)
+    xp = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=np.float32)
     xp[:, ph : ph + h, pw : pw + w] = x
     return xp

@@ -3,26 +3,28 @@
 escepe_rt.parallel's Python pool costs ~50-110 us per hand-off on a small VM (a queue wake-up
 plus GIL hand-offs, `benchmarks/batch1_threads.py`): a tenth of a 0.5 ms conv, more than a whole
 28x28x16 one. Here one worker thread waits for work by spinning inside a numba function that
-holds no GIL, and the caller publishes a conv from inside its own nogil call: the hand-off is a
-few atomic memory operations. kernels._conv_direct uses it for convs of >= PAIR_MIN_MACS (2^22)
-multiply-adds; below that the per-job Python work here still costs more than it saves.
+holds no GIL and never returns to Python while there is work: the caller describes each conv in
+a control block (array addresses, shapes, options) from inside its own nogil call, and the
+worker rebuilds the arrays from that description (numba.carray). A hand-off is a few atomic
+memory operations, so kernels._conv_direct shares convs down to PAIR_MIN_MACS (2^18)
+multiply-adds, e.g. every 3x3 conv of a 28x28 Fashion-MNIST model at batch 1.
 
-Protocol (all words of the int64 array `ctrl`, accessed with atomic acquire/release operations,
-so it is right on ARM's weak memory model too):
+Protocol (words of the int64 array `ctrl`; the counters are accessed with atomic
+acquire/release operations, so it is right on ARM's weak memory model too):
 
     POSTED  sequence number of the last job published (the caller stores it, release)
     NEXT    (POSTED << TAG) | next chunk index; both threads claim chunks one at a time by
             compare-and-swap, so a worker descheduled mid-job delays one chunk, not the caller,
             and a worker late for a job can never claim a chunk of the next one
     DONE    chunks finished (fetch-add after each chunk; the caller waits for all)
+    DESC..  the job's descriptor (written before POSTED; read after it with acquire)
 
-The caller sets the job's arrays on the Python object while holding the GIL, then calls
-`run_job`, which releases the GIL, stores POSTED, takes chunks until none is left and spins
-until DONE == chunks. The worker spins (nogil) until POSTED moves, takes the GIL to read the job
-(free: the caller is inside its nogil call), then takes chunks in the same nogil loop. After
-SPIN_LIMIT idle spins the worker parks on a condition variable; a parked or dead worker (e.g.
-after fork) only means the caller does every chunk itself. One job at a time: a second caller
-that finds the slot busy runs its conv alone.
+`_run_job` (the caller, GIL released) writes the descriptor, stores POSTED, takes chunks until
+none is left and spins until DONE == chunks. The worker (`_serve`) spins until POSTED moves,
+reads the descriptor and takes chunks in the same loop. After SPIN_LIMIT idle spins it returns
+to Python and parks on a condition variable; a parked or dead worker (e.g. after fork) only
+means the caller does every chunk itself. One job at a time: a second caller that finds the
+slot busy runs its conv alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -98,6 +101,39 @@ def _fetch_add(typingctx, arr, i, v):
 _jit = numba.njit(cache=True, nogil=True)
 
 
+@intrinsic
+def _address(typingctx, arr):
+    """The address of arr's first element, as an int64."""
+
+    def codegen(context, builder, sig, args):
+        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(ptr, ir.IntType(64))
+
+    return types.int64(arr), codegen
+
+
+@intrinsic
+def _f32_ptr(typingctx, addr):
+    """An int64 address as a float32 pointer (for numba.carray)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return types.CPointer(types.float32)(addr), codegen
+
+
+# The job descriptor: words of ctrl from DESC on (a cache line away from the hot counters), so
+# the worker rebuilds the job's arrays without the GIL (numba.carray over the caller's memory).
+DESC = 8
+XP, XP_SHAPE = DESC, DESC + 1  # address, 4 dims
+W, W_SHAPE = DESC + 5, DESC + 6  # 3 dims
+OUT, OUT_SHAPE = DESC + 9, DESC + 10  # 4 dims (res has out's shape)
+RES, EPI, EPI_LEN = DESC + 14, DESC + 15, DESC + 16
+HAS_RES, ACT, GEOM = DESC + 17, DESC + 18, DESC + 19  # geom: 5 words
+BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 24, DESC + 25, DESC + 26, DESC + 27
+CTRL_WORDS = DESC + 32
+
+
 @_jit
 def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
     """Claim chunks of job `seq` until none is left; each chunk is `step` channel blocks
@@ -117,9 +153,29 @@ def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks,
 
 @_jit
 def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
-    """The caller's side: publish job `seq` (chunk counter and DONE reset first), take chunks,
-    then wait for the chunks the worker took (DONE only counts chunks of this job: the caller
-    publishes no new job before this one is complete)."""
+    """The caller's side: describe job `seq` in ctrl, publish it (chunk counter and DONE reset
+    first, POSTED last, with release: the worker that reads POSTED sees the descriptor), take
+    chunks, then wait for the chunks the worker took (DONE only counts chunks of this job: the
+    caller publishes no new job, and frees none of these arrays, before this one is complete)."""
+    ctrl[XP] = _address(xp)
+    ctrl[W] = _address(w)
+    ctrl[OUT] = _address(out)
+    ctrl[RES] = _address(res)
+    ctrl[EPI] = _address(epi)
+    for d in range(4):
+        ctrl[XP_SHAPE + d] = xp.shape[d]
+        ctrl[OUT_SHAPE + d] = out.shape[d]
+    for d in range(3):
+        ctrl[W_SHAPE + d] = w.shape[d]
+    for d in range(5):
+        ctrl[GEOM + d] = geom[d]
+    ctrl[EPI_LEN] = epi.shape[0]
+    ctrl[HAS_RES] = has_res
+    ctrl[ACT] = act
+    ctrl[BY_BLOCKS] = by_blocks
+    ctrl[STEP] = step
+    ctrl[TOTAL] = total
+    ctrl[CHUNKS] = n
     _store(ctrl, DONE, 0)
     _store(ctrl, NEXT, seq << TAG)
     _store(ctrl, POSTED, seq)
@@ -129,12 +185,36 @@ def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, ste
 
 
 @_jit
-def _take_and_wait(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
-    """The worker's side of job `seq`: take chunks, then (still without the GIL) wait for the
-    next job: the worker only needs the GIL again when a caller is inside _run_job, i.e. when
-    the GIL is free, so the two threads never queue for it."""
+def _take_described(ctrl, seq):
+    """The worker's side of job `seq`, from its descriptor. If the caller has already finished
+    the job (and maybe written the next one's descriptor), the arrays built here may be stale,
+    but then every claim fails on the sequence tag and nothing is read through them."""
+    xp_shape = (ctrl[XP_SHAPE], ctrl[XP_SHAPE + 1], ctrl[XP_SHAPE + 2], ctrl[XP_SHAPE + 3])
+    out_shape = (ctrl[OUT_SHAPE], ctrl[OUT_SHAPE + 1], ctrl[OUT_SHAPE + 2], ctrl[OUT_SHAPE + 3])
+    w_shape = (ctrl[W_SHAPE], ctrl[W_SHAPE + 1], ctrl[W_SHAPE + 2])
+    xp = numba.carray(_f32_ptr(ctrl[XP]), xp_shape)
+    w = numba.carray(_f32_ptr(ctrl[W]), w_shape)
+    out = numba.carray(_f32_ptr(ctrl[OUT]), out_shape)
+    res = numba.carray(_f32_ptr(ctrl[RES]), out_shape)
+    epi = numba.carray(_f32_ptr(ctrl[EPI]), (ctrl[EPI_LEN],))
+    geom = (ctrl[GEOM], ctrl[GEOM + 1], ctrl[GEOM + 2], ctrl[GEOM + 3], ctrl[GEOM + 4])
+    has_res = ctrl[HAS_RES] != 0
+    by_blocks = ctrl[BY_BLOCKS] != 0
+    act, step, total, n = ctrl[ACT], ctrl[STEP], ctrl[TOTAL], ctrl[CHUNKS]
     _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
-    return _wait_posted(ctrl, seq, SPIN_LIMIT)
+
+
+@_jit
+def _serve(ctrl, seen, limit):
+    """The worker's loop, all of it without the GIL: wait for a job newer than `seen`, take its
+    chunks, wait for the next. Returns the last sequence number seen after `limit` idle spins
+    (the worker then parks in Python)."""
+    while True:
+        seq = _wait_posted(ctrl, seen, limit)
+        if seq < 0:
+            return seen
+        seen = seq
+        _take_described(ctrl, seq)
 
 
 @_jit
@@ -157,20 +237,19 @@ def warm() -> None:
     out = np.zeros((1, 1, 1, lanes), dtype=np.float32)
     epi = np.zeros(2 * lanes, dtype=np.float32)
     job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1), True, 1, 1, 1)
-    ctrl = np.zeros(8, dtype=np.int64)  # a private slot: the worker never sees this job
+    ctrl = np.zeros(CTRL_WORDS, dtype=np.int64)  # a private slot: the worker never sees this job
     _run_job(ctrl, 1, *job)
     microkernel.conv_chunk(*job[:-1], 0)  # the Python pool's entry (machines with > 2 threads)
-    _take_and_wait.compile(tuple(numba.typeof(a) for a in (ctrl, 1, *job)))  # the worker's
+    _serve(ctrl, 1, 0)  # the worker's loop: returns at once (no idle spin allowed)
 
 
 class SpinPair:
     """The caller plus one spinning worker thread (see the module docstring)."""
 
     def __init__(self):
-        self.ctrl = np.zeros(8, dtype=np.int64)
+        self.ctrl = np.zeros(CTRL_WORDS, dtype=np.int64)
         self._slot = threading.Lock()  # one job at a time
         self._seq = 0
-        self._job = None
         self._cond = threading.Condition()
         self._parked = False
         self._thread: threading.Thread | None = None
@@ -187,22 +266,13 @@ class SpinPair:
 
     def _work(self) -> None:
         seen = 0
-        seq = _wait_posted(self.ctrl, seen, SPIN_LIMIT)
         while True:
-            if seq < 0:  # idle: park until a caller posts and notifies
-                with self._cond:
-                    self._parked = True
-                    while self.ctrl[POSTED] <= seen:
-                        self._cond.wait()
-                    self._parked = False
-                seq = int(self.ctrl[POSTED])
-                continue
-            seen = seq
-            job = self._job
-            if job is not None and job[0] == seq:
-                seq = _take_and_wait(self.ctrl, *job)
-            else:  # that job is over (the caller did it all): wait for the next
-                seq = _wait_posted(self.ctrl, seen, SPIN_LIMIT)
+            seen = _serve(self.ctrl, seen, SPIN_LIMIT)  # returns only when idle
+            with self._cond:  # park until a caller posts and notifies
+                self._parked = True
+                while self.ctrl[POSTED] <= seen:
+                    self._cond.wait()
+                self._parked = False
 
     def run(self, args: tuple, by_blocks: bool, step: int, total: int, n: int) -> bool:
         """Run a direct conv (`args` as for microkernel.conv_direct, without the ranges) in n
@@ -214,13 +284,10 @@ class SpinPair:
             self._ensure_worker()
             self._seq += 1
             seq = self._seq
-            job_args = (*args, by_blocks, step, total, n)
-            self._job = (seq, *job_args)
             if self._parked:
                 with self._cond:
                     self._cond.notify()
-            _run_job(self.ctrl, seq, *job_args)
-            self._job = None
+            _run_job(self.ctrl, seq, *args, by_blocks, step, total, n)
             return True
         finally:
             self._slot.release()

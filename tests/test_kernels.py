@@ -640,9 +640,11 @@ def test_decode_packed_fast_paths_match_reference(bits, k_small):
 
 
 def test_blas_threaded_runs_convs_whole_with_the_same_answer(monkeypatch):
-    """Batch 1 leaves threading to BLAS (no chunks on that thread); the answer is the same."""
+    """Batch 1 leaves threading to BLAS (no chunks on that thread); the answer is the same.
+    (im2col + sgemm convs: direct ones call no BLAS.)"""
     from escepe_rt import parallel
 
+    monkeypatch.setattr(K, "DIRECT_CONV", False)
     pool = parallel.Pool(3)
     monkeypatch.setattr(parallel, "POOL", pool)
     monkeypatch.setattr(K, "PARALLEL_MIN_MACS", 0)
@@ -718,6 +720,12 @@ DIRECT_CASES = [
     (2, 6, 11, 4, 16, (1, 3), (1, 2), (0, 1), (1, 1)),
     (1, 1, 1, 7, 32, (1, 1), (1, 1), (0, 0), (1, 1)),
     (1, 5, 13, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1)),  # 13 = 8 + 4 + 1 pixel tiles
+    # Cout not a multiple of 16: a zero-padded last panel computed through a scratch tile
+    (1, 28, 28, 16, 8, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (1, 14, 14, 8, 8, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (2, 5, 13, 6, 24, (3, 3), (1, 1), (1, 1), (1, 1)),  # one full + one partial panel
+    (1, 3, 3, 8, 40, (3, 3), (2, 2), (1, 1), (1, 1)),  # 4 pixels: one 4-pixel tile
+    (1, 7, 7, 4, 9, (1, 3), (1, 1), (0, 1), (1, 1)),
 ]
 
 
@@ -773,7 +781,13 @@ def test_direct_conv_threaded_chunks_match_one_call(monkeypatch, threads):
 
     monkeypatch.setattr(parallel, "POOL", parallel.Pool(threads))
     rng = np.random.default_rng(5)
-    for shape, cout in (((2, 16, 16, 32), 32), ((1, 4, 4, 64), 256)):
+    # Cout 8 and 24: partial last panels (Cout 8 stores whole vectors except at chunk ends)
+    for shape, cout in (
+        ((2, 16, 16, 32), 32),
+        ((1, 4, 4, 64), 256),
+        ((2, 16, 16, 16), 8),
+        ((1, 12, 12, 8), 24),
+    ):
         x = rng.standard_normal(shape, dtype=np.float32)
         cw = K.prepare_conv_weight(rng.standard_normal((cout, shape[3], 3, 3), np.float32), 1)
         for name in ("PARALLEL_MIN_MACS", "PAIR_MIN_MACS"):
