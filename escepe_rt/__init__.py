@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# first: numba's cache stamps for the package, before any kernel applies @njit(cache=True)
+from escepe_rt import _numba_cache  # noqa: F401  (isort: skip)
 from escepe_rt import parallel, spinpool
 from escepe_rt._fbs.OpCode import OpCode
 from escepe_rt.errors import FormatError
