@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from typing import NamedTuple
 
@@ -613,20 +614,57 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
             residual = _f32(residual)
             if residual.shape != (n, ho, wo, cout):
                 raise ValueError(f"residual {residual.shape} does not match {(n, ho, wo, cout)}")
-        out = np.empty((n, ho, wo, cout), dtype=_F32)
+        out = out_slot.take((n, ho, wo, cout))
         if n == 0:
             return out
         if w.dw is not None:
             _depthwise(x, w.dw, out, cout // c, sh, sw, ph, pw, dh, dw, sc, sf, has_sc, has_sf, act)
         elif w.groups != 1:
             _conv_grouped(x, w, out, sc, sf, has_sc, has_sf, act, sh, sw, ph, pw, dh, dw, ho, wo)
+        elif w.panels is not None:
+            _conv_direct(pad_slot.padded(x, ph, pw), w, out, epi, residual, act, sh, sw, dh)
         else:
-            _conv_gemm(
-                x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw, epi
-            )
+            _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw)
         return out
 
+    out_slot, pad_slot = _Reused(), _Reused()
     return run
+
+
+# A conv keeps its last output and padded input (per thread, up to REUSE_MAX_BYTES each) and
+# writes the next call's into them when nothing else refers to them any more. Why: a fresh
+# buffer above glibc's mmap threshold is new pages from the kernel on every call, and freeing it
+# unmaps them (probably a TLB shoot-down of the core the spinning worker ran on; not measured
+# directly). Measured ad hoc on the 2-vCPU VM: a 32x32x64 3x3 conv at batch 1 took 552-570 us
+# with a freshly padded input vs 348-388 us with a reused one (the copy itself: 9 us).
+REUSE_MAX_BYTES = 4 << 20
+
+
+class _Reused(threading.local):
+    """One float32 array per thread, handed out again while nobody else holds it."""
+
+    def __init__(self):
+        self.buf = None
+
+    def take(self, shape: tuple, zeroed: bool = False) -> np.ndarray:
+        buf = self.buf
+        # 3 references: self.buf, `buf`, getrefcount's argument. More: an earlier result (or a
+        # view of it) is still alive somewhere, so it must not be overwritten.
+        if buf is not None and buf.shape == shape and sys.getrefcount(buf) == 3:
+            return buf
+        buf = np.zeros(shape, dtype=_F32) if zeroed else np.empty(shape, dtype=_F32)
+        self.buf = buf if buf.nbytes <= REUSE_MAX_BYTES else None
+        return buf
+
+    def padded(self, x: np.ndarray, ph: int, pw: int) -> np.ndarray:
+        """x with ph zero rows above and below and pw zero columns either side (x itself
+        without padding); a reused buffer keeps the zero border it was created with."""
+        if ph == 0 and pw == 0:
+            return x
+        n, h, w, c = x.shape
+        xp = self.take((n, h + 2 * ph, w + 2 * pw, c), zeroed=True)
+        xp[:, ph : ph + h, pw : pw + w] = x
+        return xp
 
 
 # Bytes of im2col columns per sgemm call: the M axis (output pixels) is cut in blocks so the
@@ -670,14 +708,9 @@ def _direct_epilogue(sc, sf, has_sc, has_sf, cout: int) -> np.ndarray:
     return epi
 
 
-def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw, epi):
-    """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows, or on
-    the direct micro-kernels for weights prepared as panels (make_conv leaves panels only where
-    dw == 1; `epi` is their packed scale/shift from _direct_epilogue)."""
+def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw, dh, dw):
+    """One group: out = act(im2col(x) @ W * scale + shift + residual), in blocks of rows."""
     n, ho, wo, cout = out.shape
-    if w.panels is not None:
-        _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh)
-        return
     c = x.shape[3]
     wmat = w.gemm[0]
     k = wmat.shape[0]
@@ -723,13 +756,14 @@ def _conv_gemm(x, w, out, sc, sf, has_sc, has_sf, residual, act, sh, sw, ph, pw,
     pool.run(channels, chunks)
 
 
-def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
-    """out = act(conv(x, w) * scale + shift + residual) on the direct micro-kernels. Big convs
-    are cut (microkernel.split) into channel blocks or runs of 8-pixel tiles, shared with the
-    spinning worker on 2 threads, or with escepe_rt.parallel's pool on more; at batch 1 too:
-    the kernel calls no BLAS, and one chunk is one nogil call."""
+def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
+    """out = act(conv(xp, w) * scale + shift + residual) on the direct micro-kernels, xp the
+    padded input, `epi` the packed scale/shift of _direct_epilogue (make_conv leaves panels only
+    where the width dilation is 1). Convs of >= PAIR_MIN_MACS are cut (microkernel.split) into
+    channel blocks or runs of 8-pixel tiles, shared with the spinning worker on 2 threads, or
+    with escepe_rt.parallel's pool on more; at batch 1 too: the kernel calls no BLAS, and one
+    chunk is one nogil call."""
     n, ho, wo, cout = out.shape
-    xp = microkernel.padded(x, ph, pw)
     has_res = residual is not None
     args = (
         xp,
@@ -744,7 +778,7 @@ def _conv_direct(x, w, out, epi, residual, act, sh, sw, ph, pw, dh):
     blocks = w.panels.shape[0]
     pixels = n * ho * wo
     pool = parallel.POOL
-    macs = pixels * cout * w.kh * w.kw * x.shape[3]
+    macs = pixels * cout * w.kh * w.kw * xp.shape[3]
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
         microkernel.conv_direct(*args, 0, blocks, 0, pixels)
         return

@@ -306,15 +306,3 @@ def split(blocks: int, pixels: int, chunks: int) -> tuple[bool, int, int]:
         return True, step, -(-blocks // step)
     step = -(-pixels // (chunks * 8)) * 8
     return False, step, -(-pixels // step)
-
-
-def padded(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
-    """x (N, H, W, C) with ph zero rows above and below and pw zero columns left and right."""
-    if ph == 0 and pw == 0:
-        return x
-    n, h, w, c = x.shape
-    # zeros + one strided copy: 2.4 us on a 28x28x16 input, vs 7.8 us for zeroing the four
-    # borders separately and 5 us for numba loops (which LLVM does not vectorise here)
-    xp = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=np.float32)
-    xp[:, ph : ph + h, pw : pw + w] = x
-    return xp

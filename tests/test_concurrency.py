@@ -45,3 +45,19 @@ def test_non_contiguous_input_gives_the_contiguous_answer():
     np.testing.assert_array_equal(
         m.predict(view).logits, m.predict(np.ascontiguousarray(view)).logits
     )
+
+
+def test_results_held_across_calls_are_never_overwritten():
+    """Convs reuse their buffers between calls (kernels._Reused): every array a call returned
+    stays as it was while the next calls run, batch 1 and bigger, Fashion model and golden."""
+    example = Path(__file__).resolve().parent.parent / "examples/fashion_resnet18.escepe"
+    for path in (example, GOLDEN):
+        m = escepe_rt.load(path)
+        rng = np.random.default_rng(3)
+        xs = [rng.normal(size=(n, *m.input_shape)).astype(np.float32) for n in (1, 1, 3, 1)]
+        held = [(m.run_all_exits(x), m.predict(x)) for x in xs]
+        for x, (exits, pred) in zip(xs, held):
+            again = escepe_rt.load(path)
+            for a, b in zip(exits, again.run_all_exits(x)):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(pred.logits, again.predict(x).logits)

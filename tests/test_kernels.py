@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -797,3 +798,70 @@ def test_direct_conv_threaded_chunks_match_one_call(monkeypatch, threads):
             monkeypatch.setattr(K, name, 1 << 62)
         whole = K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU)
         np.testing.assert_array_equal(chunked, whole)
+
+
+# ---------------------------------------------------------------- reused conv buffers
+def _reuse_conv(seed=3, cout=32, h=9):
+    rng = np.random.default_rng(seed)
+    cw = K.prepare_conv_weight(rng.standard_normal((cout, 8, 3, 3), dtype=np.float32), 1)
+    run = K.make_conv(cw, None, None, (1, 1), (1, 1), (1, 1), K.ACT_RELU)
+    xs = [rng.standard_normal((1, h, h, 8), dtype=np.float32) for _ in range(3)]
+    fresh = [K.conv2d(x, cw, None, None, 1, 1, 1, K.ACT_RELU) for x in xs]  # own buffers
+    return run, xs, fresh
+
+
+def test_conv_reuses_its_output_only_when_nothing_holds_it():
+    run, xs, fresh = _reuse_conv()
+    held = run(xs[0])
+    second = run(xs[1])  # `held` is alive: a new buffer
+    assert second.ctypes.data != held.ctypes.data
+    np.testing.assert_array_equal(held, fresh[0])
+    np.testing.assert_array_equal(second, fresh[1])
+    address = second.ctypes.data
+    del second
+    third = run(xs[2])  # nothing holds the last output: written in place
+    assert third.ctypes.data == address
+    np.testing.assert_array_equal(third, fresh[2])
+    view = third[0, 1:]  # a view keeps its base alive
+    fourth = run(xs[0])
+    assert fourth.ctypes.data != address
+    np.testing.assert_array_equal(view, fresh[2][0, 1:])
+    np.testing.assert_array_equal(fourth, fresh[0])
+
+
+def test_reused_padded_input_keeps_a_zero_border():
+    """Inputs of growing magnitude through one conv, results dropped between calls (so the
+    padded input and the output are reused), each against a conv with fresh buffers."""
+    run, xs, fresh = _reuse_conv(seed=4)
+    for _ in range(3):
+        for x, want in zip(xs, fresh):
+            np.testing.assert_array_equal(run(x), want)
+
+
+def test_big_buffers_are_not_kept(monkeypatch):
+    monkeypatch.setattr(K, "REUSE_MAX_BYTES", 1024)
+    run, xs, fresh = _reuse_conv(seed=5)
+    address = run(xs[0]).ctypes.data
+    got = run(xs[1])
+    np.testing.assert_array_equal(got, fresh[1])
+    slot_bufs = [c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, K._Reused)]
+    assert slot_bufs and all(s.buf is None for s in slot_bufs), address
+
+
+def test_threads_sharing_one_conv_keep_their_own_buffers():
+    run, xs, fresh = _reuse_conv(seed=6, cout=48, h=16)
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(50):
+                np.testing.assert_array_equal(run(xs[k]), fresh[k])
+        except BaseException as e:  # reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

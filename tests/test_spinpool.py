@@ -15,7 +15,7 @@ def _conv(seed: int, n=1, h=12, w=10, cin=8, cout=48, stride=1):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
     cw = K.prepare_conv_weight(rng.standard_normal((cout, cin, 3, 3), dtype=np.float32), 1)
-    xp = microkernel.padded(x, 1, 1)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     ho = (h + 2 - 3) // stride + 1
     wo = (w + 2 - 3) // stride + 1
     out = np.empty((n, ho, wo, cout), np.float32)
