@@ -636,8 +636,11 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
 # buffer above glibc's mmap threshold is new pages from the kernel on every call, and freeing it
 # unmaps them (probably a TLB shoot-down of the core the spinning worker ran on; not measured
 # directly). Measured ad hoc on the 2-vCPU VM: a 32x32x64 3x3 conv at batch 1 took 552-570 us
-# with a freshly padded input vs 348-388 us with a reused one (the copy itself: 9 us).
-REUSE_MAX_BYTES = 4 << 20
+# with a freshly padded input vs 348-388 us with a reused one (the copy itself: 9 us). 1 MB
+# covers every buffer of the 32x32 models at batch 1; at 4 MB the kept buffers of batch-32
+# calls raised ResNet-18's peak RSS by ~28 MB (benchmarks/memory.py), for no measured gain
+# there (batch 32 spends far longer per byte in the convs).
+REUSE_MAX_BYTES = 1 << 20
 
 
 class _Reused(threading.local):
