@@ -17,8 +17,9 @@ ox*stride of the padded NHWC input, and consecutive output pixels are stride*C f
 one micro-kernel call per kernel row accumulates a tile. The weight is the sgemm layout the
 runtime already uses, (kh*kw*Cin, Cout) with rows (ky, kx, ci).
 
-Used for ungrouped convs with Cout a multiple of LANES and no dilation along the width; the
-caller (kernels._conv_gemm) keeps im2col + sgemm for everything else.
+Used for ungrouped convs with at least LANES / 2 output channels (a partial last block of
+channels is zero-padded in the weights) and no dilation along the width; kernels keeps im2col +
+sgemm for everything else.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     (across output rows: each pixel has its own input offset), channel blocks the outer loop: a
     block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every pixel uses it.
     A partial last block (Cout % LANES channels) computes its tiles into a LANES-wide scratch
-    and copies the valid channels out: the tiles load and store whole vectors.
+    and copies the valid channels out (the tiles load and store whole vectors); with Cout <
+    LANES only the last tile of the range needs that (_partial_block).
     """
     kh, kw, sh, sw, dh = geom
     _, hp, wp, c = xp.shape

@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from test_direct_conv import DIRECT_CASES, make_case  # noqa: E402
+from test_direct_conv import EPILOGUES as DIRECT_EPILOGUES  # noqa: E402
+
 F = torch.nn.functional
 
 from escepe_rt import kernels as K  # noqa: E402
@@ -709,66 +713,20 @@ def test_conv_weight_from_indices_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------- direct micro-kernel convs
-DIRECT_CASES = [
-    # (n, h, w, cin, cout, (kh, kw), stride, padding, dilation)
-    (1, 28, 28, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
-    (2, 7, 9, 5, 32, (3, 3), (2, 2), (1, 1), (1, 1)),
-    (1, 4, 4, 64, 128, (3, 3), (1, 1), (1, 1), (1, 1)),
-    (3, 8, 8, 16, 48, (1, 1), (1, 1), (0, 0), (1, 1)),
-    (1, 9, 7, 3, 16, (5, 5), (2, 2), (2, 2), (1, 1)),
-    (1, 8, 8, 8, 16, (3, 3), (1, 1), (2, 2), (2, 1)),  # height dilation: direct
-    (1, 8, 8, 8, 16, (3, 3), (1, 1), (2, 2), (1, 2)),  # width dilation: im2col on panels
-    (2, 6, 11, 4, 16, (1, 3), (1, 2), (0, 1), (1, 1)),
-    (1, 1, 1, 7, 32, (1, 1), (1, 1), (0, 0), (1, 1)),
-    (1, 5, 13, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1)),  # 13 = 8 + 4 + 1 pixel tiles
-    # Cout not a multiple of 16: a zero-padded last panel computed through a scratch tile
-    (1, 28, 28, 16, 8, (1, 1), (1, 1), (0, 0), (1, 1)),
-    (1, 14, 14, 8, 8, (3, 3), (2, 2), (1, 1), (1, 1)),
-    (2, 5, 13, 6, 24, (3, 3), (1, 1), (1, 1), (1, 1)),  # one full + one partial panel
-    (1, 3, 3, 8, 40, (3, 3), (2, 2), (1, 1), (1, 1)),  # 4 pixels: one 4-pixel tile
-    (1, 7, 7, 4, 9, (1, 3), (1, 1), (0, 1), (1, 1)),
-    # wide inputs: more output pixels than one pixel block (microkernel.PIX_BLOCK_BYTES)
-    (1, 20, 20, 256, 32, (3, 3), (1, 1), (1, 1), (1, 1)),  # 256-pixel blocks: 256 + 144
-    (1, 18, 18, 256, 8, (1, 1), (1, 1), (0, 0), (1, 1)),  # Cout 8 spills inside each block
-    (2, 10, 10, 512, 24, (1, 1), (1, 1), (0, 0), (1, 1)),  # 128-pixel blocks, partial panel
-]
-
-
-def _conv_reference(x, w, stride, padding, dilation):
-    import torch
-
-    y = torch.nn.functional.conv2d(
-        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-        torch.from_numpy(w),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-    )
-    return y.numpy().transpose(0, 2, 3, 1)
-
-
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=str)
-@pytest.mark.parametrize("epilogue", ["none", "scale_shift_relu", "residual_relu6"])
+@pytest.mark.parametrize("epilogue", DIRECT_EPILOGUES)
 def test_direct_conv_matches_torch_and_the_im2col_path(case, epilogue, monkeypatch):
     """Convs on the direct micro-kernels (weights in panels) == torch, and == the same conv on
-    im2col + sgemm (weights in the gemm layout), for every epilogue."""
-    n, h, w, cin, cout, k, stride, padding, dilation = case
-    rng = np.random.default_rng(sum(case[:5]) + len(epilogue))
-    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
-    # Kaiming-scaled weights: outputs stay O(1) for every reduction length (up to 2304 here),
-    # so one absolute tolerance fits every case
-    wt = rng.standard_normal((cout, cin, *k), dtype=np.float32) / np.sqrt(cin * k[0] * k[1])
-    wt = wt.astype(np.float32)
-    ref = _conv_reference(x, wt, stride, padding, dilation)
-    sc = sf = res = None
-    act = K.ACT_NONE
-    if epilogue == "scale_shift_relu":
-        sc = rng.random(cout, dtype=np.float32) + 0.5
-        sf = rng.standard_normal(cout, dtype=np.float32)
-        ref, act = np.maximum(ref * sc + sf, 0.0), K.ACT_RELU
-    elif epilogue == "residual_relu6":
-        res = rng.standard_normal(ref.shape, dtype=np.float32)
-        ref, act = np.clip(ref + res, 0.0, 6.0), K.ACT_RELU6
+    im2col + sgemm (weights in the gemm layout), for every epilogue (cases and the float64
+    numpy reference: tests/test_direct_conv.py)."""
+    x, wt, sc, sf, res, act, _ = make_case(case, epilogue)
+    stride, padding, dilation = case[6:]
+    y = F.conv2d(nhwc_to_nchw(x), torch.from_numpy(wt), None, stride, padding, dilation)
+    ref = nchw_to_nhwc(y).astype(np.float64)
+    if sc is not None:
+        ref = np.maximum(ref * sc + sf, 0.0)
+    if res is not None:
+        ref = np.clip(ref + res, 0.0, 6.0)
     direct = K.prepare_conv_weight(wt, 1)
     assert direct.panels is not None and direct.gemm is None
     got = K.conv2d(x, direct, sc, sf, stride, padding, dilation, act, residual=res)
