@@ -19,7 +19,7 @@ import numpy as np
 
 # first: numba's cache stamps for the package, before any kernel applies @njit(cache=True)
 from escepe_rt import _numba_cache  # noqa: F401  (isort: skip)
-from escepe_rt import parallel, spinpool
+from escepe_rt import kernels, parallel, spinpool
 from escepe_rt._fbs.OpCode import OpCode
 from escepe_rt.errors import FormatError
 from escepe_rt.executor import CHUNK, POLICIES, Executor, Prediction, confidence
@@ -131,9 +131,9 @@ class Model:
             hint = " (use Model.preprocess for uint8 images)" if x.dtype == np.uint8 else ""
             raise ValueError(f"expected float32 input, got {x.dtype}{hint}")
         for i in range(0, len(x), CHUNK):  # chunked: no N-sized temporary for big batches
-            finite = np.isfinite(x[i : i + CHUNK]).reshape(min(CHUNK, len(x) - i), -1).all(axis=1)
-            if not finite.all():
-                bad = i + int(np.argmin(finite))
+            bad = kernels.first_nonfinite_row(x[i : i + CHUNK])
+            if bad >= 0:
+                bad += i
                 raise ValueError(
                     f"input sample {bad} holds NaN or inf; expected finite values (a non-finite "
                     "input makes every exit's confidence meaningless, so no sample is answered)"
@@ -220,7 +220,8 @@ class Model:
             executor = Executor(self.spec, self._buf, "lazy")
         never = [2.0] * len(self.spec.exits)  # no confidence reaches 2: every section runs
         for n in (1, 2):
-            x = _to_nhwc(np.zeros((n, *self.input_shape), np.float32))
+            x = self._check_input(np.zeros((n, *self.input_shape), np.float32))  # its kernel too
+            x = _to_nhwc(x)
             executor.run_all_exits(x)
             executor.predict(x, never, self.policy)
         if parallel.POOL.threads > 1:

@@ -1035,8 +1035,55 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def max_softmax(logits: np.ndarray) -> np.ndarray:
-    """(N,) confidence: the largest softmax probability, 1 / sum(exp(z - max z))."""
-    return (1.0 / np.exp(_shifted(logits)).sum(axis=1)).astype(_F32)
+    """(N,) confidence: the largest softmax probability, 1 / sum(exp(z - max z)), in float64
+    (one nogil pass: ~1 us for one row where the numpy expression cost ~5 us). A NaN or inf
+    logit gives NaN, as numpy's max / exp / sum would."""
+    z = np.asarray(logits)
+    if z.ndim != 2:
+        raise ValueError(f"expected (N, K) logits, got shape {z.shape}")
+    out = np.empty(z.shape[0], dtype=_F32)
+    _max_softmax(np.ascontiguousarray(z, dtype=_F32), out)
+    return out
+
+
+def first_nonfinite_row(x: np.ndarray) -> int:
+    """Index of the first sample (along axis 0) holding a NaN or inf, or -1: one nogil pass over
+    a C-contiguous float32 array without the boolean temporary of np.isfinite (~1 us for one
+    28x28 image where the numpy check cost ~3.5 us)."""
+    if x.dtype != _F32 or not x.flags.c_contiguous:
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        return -1 if finite.all() else int(np.argmin(finite))
+    return _first_nonfinite_row(x.reshape(len(x), -1))
+
+
+@_jit
+def _first_nonfinite_row(x):
+    n, k = x.shape
+    for i in range(n):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += x[i, j] * np.float32(0.0)  # 0 * finite = 0; 0 * NaN or inf = NaN
+        if acc != acc:
+            return i
+    return -1
+
+
+@_jit
+def _max_softmax(z, out):
+    n, k = z.shape
+    for i in range(n):
+        m = -np.inf
+        nan = False
+        for j in range(k):
+            v = np.float64(z[i, j])
+            if v != v:
+                nan = True
+            elif v > m:
+                m = v
+        s = 0.0
+        for j in range(k):
+            s += np.exp(np.float64(z[i, j]) - m)
+        out[i] = np.nan if nan or k == 0 else 1.0 / s
 
 
 def entropy(logits: np.ndarray) -> np.ndarray:

@@ -106,3 +106,45 @@ def test_memory_of_a_big_batch_does_not_grow_with_the_batch(model, method):
         tracemalloc.stop()
     results = 40_000 * (model.num_classes * 4 + 8 + 8 + 4) * len(model.spec.exits)
     assert peak < x.nbytes // 2 + results, (peak, x.nbytes)
+
+
+def test_first_nonfinite_row_matches_numpy():
+    """The one-pass numba check == np.isfinite over every sample, for NaN, +inf and -inf
+    anywhere, for C-contiguous float32 and for the fallback (strided, float64)."""
+    from escepe_rt import kernels
+
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        x = rng.normal(size=(int(rng.integers(1, 9)), 2, 3, 5)).astype(np.float32)
+        x *= np.float32(10.0 ** rng.integers(-3, 38))  # huge finite values stay finite
+        for _ in range(int(rng.integers(0, 3))):
+            x.flat[int(rng.integers(x.size))] = rng.choice([np.nan, np.inf, -np.inf])
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        want = -1 if finite.all() else int(np.argmin(finite))
+        assert kernels.first_nonfinite_row(x) == want, trial
+        assert kernels.first_nonfinite_row(x.astype(np.float64)) == want
+        view = x[:, :, :, ::2]
+        finite = np.isfinite(view).reshape(len(x), -1).all(axis=1)
+        assert kernels.first_nonfinite_row(view) == (-1 if finite.all() else int(np.argmin(finite)))
+
+
+def test_max_softmax_is_bit_identical_to_the_numpy_expression():
+    """The numba confidence == 1 / sum(exp(z - max z)) in float64 (the expression the exit
+    thresholds were calibrated with before), NaN for rows with NaN or inf."""
+    from escepe_rt import kernels
+
+    def numpy_max_softmax(z):
+        z = z.astype(np.float64)
+        with np.errstate(all="ignore"):
+            return (1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)).astype(np.float32)
+
+    rng = np.random.default_rng(12)
+    for k in (1, 2, 10, 1000):
+        for scale in (1.0, 30.0, 1e4):
+            z = (rng.standard_normal((300, k)) * scale).astype(np.float32)
+            np.testing.assert_array_equal(kernels.max_softmax(z), numpy_max_softmax(z))
+    z = np.array(
+        [[np.nan, 1, 2], [np.inf, 1, 2], [-np.inf, 1, 2], [np.inf, np.inf, 0], [-np.inf] * 3],
+        np.float32,
+    )
+    np.testing.assert_array_equal(kernels.max_softmax(z), numpy_max_softmax(z))
