@@ -221,71 +221,55 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
             if oy == ho:
                 oy = 0
                 row += (hp - ho * sh) * wp
+    # A partial last block (Cout % LANES channels) runs its tiles on an (8, LANES) scratch (its
+    # residual copied in, its valid channels copied out), so no vector store reaches past the
+    # block's channels into another block's, another chunk's pixels or past the end of out.
+    # With Cout < LANES (one partial block) only the last tile needs it: each row's
+    # whole-vector store spills into the next pixel, which the next row or tile overwrites.
+    # Scratches are 4-D like out and res, and _tiles has one call site: the tiles compile
+    # once (numba's cold-cache compile time tripled with a second, 2-D instantiation).
+    tmp = np.zeros((1, 1, 8, LANES), dtype=np.float32)
+    tmp_res = np.zeros((1, 1, 8, LANES), dtype=np.float32)
+    src = tmp.ravel()
+    src_res = tmp_res.ravel()
+    flat_out = out.ravel()
+    flat_res = res.ravel()
     for blk in range(b0, b1):
         cb = blk * LANES
         b_off = blk * panel
         ep = (cb, cp, 1 if has_res else 0, act)
         valid = min(LANES, cout - cb)
-        if valid < LANES:
-            _partial_block(xp, offs, m0, kh, a_ky, krow, w, b_off, out, res, has_res, epi, ep)
-            continue
         i = 0
         while i < npx:
-            c_off = (m0 + i) * cout + cb
-            left = npx - i
-            i += _tiles(xp, offs, i, left, kh, a_ky, krow, w, b_off, out, c_off, cout, epi, res, ep)
-
-
-@_jit
-def _tiles(xp, offs, i, left, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep):
-    """The widest tile (8, 4, 2 or 1 pixels) that fits in `left` pixels; returns its width."""
-    if left >= 8:
-        _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
-        return 8
-    if left >= 4:
-        _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
-        return 4
-    if left >= 2:
-        _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
-        return 2
-    _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, res, ep)
-    return 1
-
-
-@_jit
-def _partial_block(xp, offs, m0, kh, a_ky, krow, w, b_off, out, res, has_res, epi, ep):
-    """The last channel block when Cout % LANES != 0: a tile runs on an (8, LANES) scratch (its
-    residual copied in, its valid channels copied out), so no vector store reaches past the
-    block's channels into another block's (or another chunk's pixels, or past the end of out)."""
-    cout = out.shape[3]
-    cb = ep[0]
-    valid = cout - cb
-    flat_out = out.ravel()
-    flat_res = res.ravel()
-    tmp = np.zeros((8, LANES), dtype=np.float32)
-    tmp_res = np.zeros((8, LANES), dtype=np.float32)
-    src = tmp.ravel()
-    src_res = tmp_res.ravel()
-    npx = offs.shape[0]
-    i = 0
-    while i < npx:
-        rows = min(8, npx - i)
-        at = (m0 + i) * cout + cb
-        if cout <= LANES and i + rows < npx:
-            # One partial panel only (Cout < LANES): each row's whole-vector store spills into
-            # the next pixel, which the next row or tile then overwrites, so every tile but
-            # the last stores straight into out (the last one's spill would leave the chunk).
-            i += _tiles(xp, offs, i, rows, kh, a_ky, krow, w, b_off, out, at, cout, epi, res, ep)
-            continue
-        if has_res:
-            for r in range(rows):
-                for k in range(valid):
-                    src_res[r * LANES + k] = flat_res[at + r * cout + k]
-        done = _tiles(xp, offs, i, rows, kh, a_ky, krow, w, b_off, tmp, 0, LANES, epi, tmp_res, ep)
-        for r in range(done):
-            for k in range(valid):
-                flat_out[at + r * cout + k] = src[r * LANES + k]
-        i += done
+            rows = min(8, npx - i)
+            at = (m0 + i) * cout + cb
+            direct = valid == LANES or (cout < LANES and i + rows < npx)
+            if direct:
+                c, c_off, ldc, r_in = out, at, cout, res
+            else:
+                c, c_off, ldc, r_in = tmp, 0, LANES, tmp_res
+                if has_res:
+                    for r in range(rows):
+                        for k in range(valid):
+                            src_res[r * LANES + k] = flat_res[at + r * cout + k]
+            # the widest tile that fits (one call site per tile width: compile time)
+            if rows >= 8:
+                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                done = 8
+            elif rows >= 4:
+                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                done = 4
+            elif rows >= 2:
+                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                done = 2
+            else:
+                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                done = 1
+            if not direct:
+                for r in range(done):
+                    for k in range(valid):
+                        flat_out[at + r * cout + k] = src[r * LANES + k]
+            i += done
 
 
 @_jit
@@ -294,10 +278,13 @@ def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total,
     `total` output pixels (conv_direct's other arguments as there)."""
     blocks = w.shape[0]
     lo = i * step
+    # one call site, no literal arguments: each would compile conv_direct once more (a
+    # literal 0 is its own type to numba), tripling the cold-cache compile time
     if by_blocks:
-        conv_direct(xp, w, out, res, has_res, epi, act, geom, lo, min(blocks, lo + step), 0, total)
+        b0, b1, m0, m1 = lo, min(blocks, lo + step), lo - lo, total
     else:
-        conv_direct(xp, w, out, res, has_res, epi, act, geom, 0, blocks, lo, min(total, lo + step))
+        b0, b1, m0, m1 = lo - lo, blocks, lo, min(total, lo + step)
+    conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
 
 
 def split(blocks: int, pixels: int, chunks: int) -> tuple[bool, int, int]:
