@@ -342,7 +342,8 @@ def profile_escepe(path: str, data, runs: int) -> dict:
     fused residual add is its own key, "+add"). Conv sub-steps are split out by wrapping the
     numba kernels the conv calls (im2col, epilogue, depthwise); with escepe_rt's own threads
     these sub-step times are summed over threads (CPU-like), so they can exceed the conv's wall
-    time; "sgemm+rest" is the conv's wall time minus them. GFLOP/s counts 2 x MACs.
+    time; "sgemm+rest" is the conv's wall time minus them (only for convs with such sub-steps:
+    direct micro-kernel convs have none). GFLOP/s counts 2 x MACs.
     """
     acc: dict[str, list[float]] = {}  # key -> [seconds, flops, calls]
     state = {"conv": None}
@@ -434,7 +435,10 @@ def profile_escepe(path: str, data, runs: int) -> dict:
             }
         )
     for key in [k for k in acc if k.startswith("CONV2D") and " / " not in k]:
-        sub = sum(v[0] for k, v in acc.items() if k.startswith(key + " / "))
+        subs = [v[0] for k, v in acc.items() if k.startswith(key + " / ")]
+        if not subs:  # direct micro-kernel convs: no im2col / epilogue sub-steps to split off
+            continue
+        sub = sum(subs)
         rows.append(
             {
                 "op": f"{key} / sgemm+rest",
