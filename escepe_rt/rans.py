@@ -394,11 +394,34 @@ def _decode_gather(buf, ptr, count, freq, prob_bits, x0, codebook, out):
     sym, fb, ok = _slot_tables(freq, prob_bits)
     if not ok:
         return _BAD_TABLE, 0, ptr, np.int64(x0)
-    m = 1 << prob_bits
-    vals = np.empty(m, dtype=np.float32)
-    for j in range(m):
-        vals[j] = codebook[sym[j]]
+    vals = slot_values(sym, codebook)
     return _decode_loop(buf, ptr, count, prob_bits, np.int64(x0), sym, fb, vals, out)
+
+
+@numba.njit(cache=True, nogil=True)
+def slot_values(sym, codebook):
+    """The codebook value of every slot's symbol, so that a decode loop gathering floats
+    looks its output up per slot exactly as it looks up indices (both coders)."""
+    vals = np.empty(sym.shape[0], dtype=np.float32)
+    for j in range(sym.shape[0]):
+        vals[j] = codebook[sym[j]]
+    return vals
+
+
+def decode_target(h, codebook, expected_count: int | None):
+    """What both coders' decode() check before decoding, and its output buffer: the count
+    against `expected_count` (before anything of that size is allocated), the codebook against
+    the stream's symbols. Returns (out, codebook as contiguous float32, or None for indices)."""
+    if expected_count is not None and h.count != expected_count:
+        raise RansError(f"count {h.count} != expected {expected_count}", 4)
+    if codebook is None:
+        return np.empty(h.count, dtype=np.uint8), None
+    cb = np.ascontiguousarray(codebook, dtype=np.float32).ravel()
+    if cb.shape[0] < h.num_symbols:
+        raise RansError(
+            f"codebook of {cb.shape[0]} entries for a stream of {h.num_symbols} symbols", 0
+        )
+    return np.empty(h.count, dtype=np.float32), cb
 
 
 def decode(
@@ -416,19 +439,11 @@ def decode(
     """
     b = _as_u8(buf)
     h = parse_header(b)
-    if expected_count is not None and h.count != expected_count:
-        raise RansError(f"count {h.count} != expected {expected_count}", 4)
+    out, cb = decode_target(h, codebook, expected_count)
     freq = h.freqs.astype(np.uint32)
-    if codebook is None:
-        out = np.empty(h.count, dtype=np.uint8)
+    if cb is None:
         res = _decode_indices(b, h.stream_offset, h.count, freq, h.prob_bits, h.state, out)
     else:
-        cb = np.ascontiguousarray(codebook, dtype=np.float32).ravel()
-        if cb.shape[0] < h.num_symbols:
-            raise RansError(
-                f"codebook of {cb.shape[0]} entries for a stream of {h.num_symbols} symbols", 0
-            )
-        out = np.empty(h.count, dtype=np.float32)
         res = _decode_gather(b, h.stream_offset, h.count, freq, h.prob_bits, h.state, cb, out)
     status, i, ptr, x = (int(v) for v in res)
     if status == _OK:

@@ -79,7 +79,14 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from escepe_rt.rans import MAX_SYMBOLS, RansError, _slot_tables, quantize_freqs
+from escepe_rt.rans import (
+    MAX_SYMBOLS,
+    RansError,
+    _slot_tables,
+    decode_target,
+    quantize_freqs,
+    slot_values,
+)
 
 PROB_BITS = 12  # 14 measured no smaller on the shipped example, and its tables spill L1
 MIN_PROB_BITS = 10
@@ -419,11 +426,7 @@ def _decode_gather(words, count, freq, prob_bits, lanes, x, codebook, out):
     sym, fb, ok = _slot_tables(freq, prob_bits)
     if not ok:
         return _BAD_TABLE, 0, 0
-    m = 1 << prob_bits
-    vals = np.empty(m, dtype=np.float32)
-    for j in range(m):
-        vals[j] = codebook[sym[j]]
-    return _decode_loop(words, count, prob_bits, lanes, x, fb, vals, out)
+    return _decode_loop(words, count, prob_bits, lanes, x, fb, slot_values(sym, codebook), out)
 
 
 def decode(
@@ -441,21 +444,13 @@ def decode(
     """
     b = _as_u8(buf)
     h = parse_header(b)
-    if expected_count is not None and h.count != expected_count:
-        raise RansError(f"count {h.count} != expected {expected_count}", 4)
+    out, cb = decode_target(h, codebook, expected_count)
     freq = h.freqs.astype(np.uint32)
     words = _words(b, h)
     x = h.states.copy()
-    if codebook is None:
-        out = np.empty(h.count, dtype=np.uint8)
+    if cb is None:
         res = _decode_indices(words, h.count, freq, h.prob_bits, h.lanes, x, out)
     else:
-        cb = np.ascontiguousarray(codebook, dtype=np.float32).ravel()
-        if cb.shape[0] < h.num_symbols:
-            raise RansError(
-                f"codebook of {cb.shape[0]} entries for a stream of {h.num_symbols} symbols", 0
-            )
-        out = np.empty(h.count, dtype=np.float32)
         res = _decode_gather(words, h.count, freq, h.prob_bits, h.lanes, x, cb, out)
     status, i, ptr = (int(v) for v in res)
     if status == _OK:
