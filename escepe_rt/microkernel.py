@@ -226,10 +226,12 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     # block's channels into another block's, another chunk's pixels or past the end of out.
     # With Cout < LANES (one partial block) only the last tile needs it: each row's
     # whole-vector store spills into the next pixel, which the next row or tile overwrites.
-    # Scratches are 4-D like out and res, and _tiles has one call site: the tiles compile
-    # once (numba's cold-cache compile time tripled with a second, 2-D instantiation).
-    tmp = np.zeros((1, 1, 8, LANES), dtype=np.float32)
-    tmp_res = np.zeros((1, 1, 8, LANES), dtype=np.float32)
+    # The scratches are 4-D like out and res and each tile width has one call site, so the
+    # tiles compile once (numba's cold-cache compile time tripled with a second, 2-D
+    # instantiation); they are empty when every block is full.
+    scratch_rows = 8 if cout % LANES else 0
+    tmp = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
+    tmp_res = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
     src = tmp.ravel()
     src_res = tmp_res.ravel()
     flat_out = out.ravel()
