@@ -43,21 +43,29 @@ def _raw_buffer(idx: np.ndarray, freq: np.ndarray, prob_bits: int = 12) -> bytes
     return head + struct.pack("<I", int(x)) + out[pos:].tobytes()
 
 
-def _check_round_trip(idx: np.ndarray, s: int, prob_bits: int = rans.PROB_BITS) -> bytes:
-    buf = rans.encode(idx, s, prob_bits)
+def round_trip_checks(codec, buf: bytes, idx: np.ndarray, s: int, prob_bits: int):
+    """A codec's encoded buffer decodes back to idx with the reference decoder, the numba
+    decoder and the numba decoder gathering codebook values; the header says s / prob_bits /
+    N. Returns the header (also used by tests/test_rans_interleaved.py)."""
     b = _u8(buf)
-    ref = rans.decode_reference(b)
+    ref = codec.decode_reference(b)
     assert ref.dtype == np.uint8 and ref.shape == (idx.size,)
     np.testing.assert_array_equal(ref, idx.ravel())
-    fast = rans.decode(b)
+    fast = codec.decode(b)
     assert fast.dtype == np.uint8
     np.testing.assert_array_equal(fast, ref)
     codebook = np.linspace(-1.0, 1.0, s, dtype=np.float32) + np.float32(0.25)
-    w = rans.decode(b, codebook)
+    w = codec.decode(b, codebook)
     assert w.dtype == np.float32 and w.shape == (idx.size,)
     np.testing.assert_array_equal(w, codebook[ref])
-    h = rans.parse_header(b)
+    h = codec.parse_header(b)
     assert (h.num_symbols, h.prob_bits, h.count) == (s, prob_bits, idx.size)
+    return h
+
+
+def _check_round_trip(idx: np.ndarray, s: int, prob_bits: int = rans.PROB_BITS) -> bytes:
+    buf = rans.encode(idx, s, prob_bits)
+    round_trip_checks(rans, buf, idx, s, prob_bits)
     return buf
 
 

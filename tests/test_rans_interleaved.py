@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_rans import _data, _u8, damaged, decoders_agree  # the coders' shared test helpers
+from test_rans import (  # the coders' shared test helpers
+    _data,
+    _patched,
+    _u8,
+    damaged,
+    decoders_agree,
+    round_trip_checks,
+)
 
 import escepe_rt
 from escepe_rt import format as fmt
@@ -28,19 +35,7 @@ LANES = [1, 2, 4, 8, 16, 32]
 
 def _check_round_trip(idx: np.ndarray, s: int, prob_bits: int = ri.PROB_BITS, lanes=None):
     buf = ri.encode(idx, s, prob_bits, lanes=lanes)
-    b = _u8(buf)
-    ref = ri.decode_reference(b)
-    assert ref.dtype == np.uint8 and ref.shape == (idx.size,)
-    np.testing.assert_array_equal(ref, idx.ravel())
-    fast = ri.decode(b)
-    assert fast.dtype == np.uint8
-    np.testing.assert_array_equal(fast, ref)
-    codebook = np.linspace(-1.0, 1.0, s, dtype=np.float32) + np.float32(0.25)
-    w = ri.decode(b, codebook)
-    assert w.dtype == np.float32 and w.shape == (idx.size,)
-    np.testing.assert_array_equal(w, codebook[ref])
-    h = ri.parse_header(b)
-    assert (h.num_symbols, h.prob_bits, h.count) == (s, prob_bits, idx.size)
+    h = round_trip_checks(ri, buf, idx, s, prob_bits)
     if lanes is not None:
         assert h.lanes == lanes
     return buf
@@ -224,12 +219,6 @@ def test_every_flipped_byte_and_bit(lanes):
             assert (outs[0] is None) == (outs[1] is None), (pos, mask)
             if outs[0] is not None:
                 pytest.fail(f"undetected corruption at byte {pos} mask {mask:#x}")
-
-
-def _patched(buf: bytes, fmt_: str, offset: int, value) -> bytes:
-    b = bytearray(buf)
-    struct.pack_into(fmt_, b, offset, value)
-    return bytes(b)
 
 
 def test_bad_header_fields():
