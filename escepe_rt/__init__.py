@@ -221,9 +221,7 @@ class Model:
         never = [2.0] * len(self.spec.exits)  # no confidence reaches 2: every section runs
         for n in (1, 2):
             x = self._check_input(np.zeros((n, *self.input_shape), np.float32))  # its kernel too
-            x = _to_nhwc(x)
-            executor.run_all_exits(x)
-            executor.predict(x, never, self.policy)
+            executor.warm(_to_nhwc(x), never, self.policy)
         if parallel.POOL.threads > 1:
             spinpool.warm()  # big direct convs share their chunks with the spinning worker
         return time.perf_counter() - t0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from escepe_rt import decode, kernels, parallel, rans, rans_interleaved
+from escepe_rt import decode, kernels, parallel, program, rans, rans_interleaved
 from escepe_rt._fbs.Encoding import Encoding
 from escepe_rt._fbs.ExitPolicy import ExitPolicy
 from escepe_rt._fbs.OpCode import OpCode
@@ -57,7 +57,14 @@ class Executor:
     compare against).
     """
 
-    def __init__(self, spec: ModelSpec, buf, decode_mode: str = "lazy", fuse: bool = True):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        buf,
+        decode_mode: str = "lazy",
+        fuse: bool = True,
+        programs: bool = True,
+    ):
         self.spec = spec
         self._buf = buf
         self._params: list[dict | None] = [None] * len(spec.sections)
@@ -80,6 +87,17 @@ class Executor:
             )
             for n in spec.nodes
         )
+        # Batch 1 runs each section as one nogil program over a preallocated arena where the
+        # model allows it (escepe_rt/program.py); the step lists stay for bigger batches, for
+        # a concurrent batch-1 call while another holds the arena, and for fuse=False.
+        if not (fuse and programs):
+            self.program_unavailable = "fuse=False" if programs else "programs=False"
+        else:
+            self.program_unavailable = program.eligible(spec)
+        self._layout = program.Layout(spec) if self.program_unavailable is None else None
+        self._programs: dict[tuple[int, bool], program.Program] = {}
+        self._arena: np.ndarray | None = None
+        self._arena_lock = threading.Lock()
         if decode_mode == "eager":
             for s in range(len(spec.sections)):
                 self.section_params(s)
@@ -232,7 +250,56 @@ class Executor:
             return parallel.POOL.blas_threaded()
         return parallel.POOL.blas_single_threaded()
 
+    def warm(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> None:
+        """Run x through every path a call of its batch size can take (Model.warmup): at batch
+        1 the programs and the step lists (which a call takes while another holds the arena)."""
+        self.run_all_exits(x_nhwc)
+        self.predict(x_nhwc, thresholds, policy)
+        if x_nhwc.shape[0] == 1 and self._layout is not None:
+            with self._threading_for(1):
+                self._run_all_exits(x_nhwc)
+                self._predict(x_nhwc, thresholds, policy)
+
+    # ------------------------------------------------------------------ batch-1 programs
+    def _claim_arena(self, x_nhwc: np.ndarray) -> np.ndarray | None:
+        """The arena holding x (batch 1) with its lock held, or None: the step lists run (no
+        program for this model, another batch size, or another thread holds the arena)."""
+        if self._layout is None or x_nhwc.shape[0] != 1:
+            return None
+        if not self._arena_lock.acquire(blocking=False):
+            return None
+        if self._arena is None:
+            self._arena = self._layout.arena()
+        at = self._layout.offset[0]
+        self._arena[at : at + x_nhwc.size] = x_nhwc.reshape(-1)
+        return self._arena
+
+    def _run_program(self, s: int, with_exit: bool, arena: np.ndarray) -> None:
+        prog = self._programs.get((s, with_exit))
+        if prog is None:
+            plan = self._section_plan(s) if with_exit else self._body_plan(s)
+            prog = program.build(self.spec, self._layout, plan, self._params[s], self._fused)
+            self._programs[(s, with_exit)] = prog
+        program.execute(prog, arena)
+
+    def _logits_in(self, arena: np.ndarray, s: int) -> np.ndarray:
+        """Exit s's logits (1, K): a view of the arena (valid until the next program runs)."""
+        v = self.spec.exits[s].logits
+        at, k = self._layout.offset[v], self.spec.values[v].shape[0]
+        return arena[at : at + k].reshape(1, k)
+
+    # ------------------------------------------------------------------ running
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
+        arena = self._claim_arena(x_nhwc)
+        if arena is not None:
+            try:
+                out = []
+                for s in range(len(self.spec.exits)):
+                    self._run_program(s, True, arena)
+                    out.append(self._logits_in(arena, s).copy())
+                return out
+            finally:
+                self._arena_lock.release()
         with self._threading_for(x_nhwc.shape[0]):
             return self._run_all_exits(x_nhwc)
 
@@ -245,8 +312,29 @@ class Executor:
         return out
 
     def predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
+        arena = self._claim_arena(x_nhwc)
+        if arena is not None:
+            try:
+                return self._predict_one(arena, thresholds, policy)
+            finally:
+                self._arena_lock.release()
         with self._threading_for(x_nhwc.shape[0]):
             return self._predict(x_nhwc, thresholds, policy)
+
+    def _predict_one(self, arena: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
+        """_predict for one sample held in the arena, section by section as programs."""
+        last = len(self.spec.exits) - 1
+        for s in range(last + 1):
+            if s != last and not thresholds[s] <= 1.0:  # nobody leaves at s (see _predict)
+                self._run_program(s, False, arena)
+                continue
+            self._run_program(s, True, arena)
+            logits = self._logits_in(arena, s)
+            conf = confidence(logits, policy)
+            if s == last or conf[0] >= thresholds[s]:
+                labels = np.argmax(logits, axis=1)
+                return Prediction(labels, np.full(1, s, np.int64), conf, logits.copy())
+        raise AssertionError("the last exit answers every sample")
 
     def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
         n = x_nhwc.shape[0]

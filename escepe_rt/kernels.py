@@ -858,10 +858,33 @@ def linear(x: np.ndarray, w_prepared, scale, shift, activation: int) -> np.ndarr
     sc, has_sc = _vec(scale, o, "scale")
     sf, has_sf = _vec(shift, o, "shift")
     out = np.empty((x.shape[0], o), dtype=_F32)
+    if x.shape[0] == 1:  # one summation order for every batch-1 path (section programs too)
+        _linear1(x[0], w, sc, sf, has_sc, has_sf, act, out[0])
+        return out
     np.dot(x, w, out=out)
     if has_sc or has_sf or act != ACT_NONE:
         _epilogue2d(out, out, sc, sf, has_sc, has_sf, act)
     return out
+
+
+@_jit
+def _linear1(x, w, sc, sf, has_sc, has_sf, act, out):
+    """One sample: out = act(x @ w * scale + shift), x (I,), w (I, O) row-major. At batch 1
+    both the step lists and the section programs (escepe_rt/program.py) use this loop, so a
+    sample's logits do not depend on which of them ran it (numpy's BLAS sums in another order)."""
+    n_in, n_out = w.shape
+    acc = np.zeros(n_out, dtype=np.float32)
+    for i in range(n_in):
+        xi = x[i]
+        for o in range(n_out):
+            acc[o] += xi * w[i, o]
+    for o in range(n_out):
+        v = acc[o]
+        if has_sc:
+            v = v * sc[o]
+        if has_sf:
+            v = v + sf[o]
+        out[o] = _act1(v, act)
 
 
 def affine(x: np.ndarray, scale, shift, activation: int) -> np.ndarray:

@@ -228,6 +228,13 @@ def _wait_posted(ctrl, seen, limit):
     return -1
 
 
+def address_of(a: np.ndarray) -> int:
+    """The address of a C-contiguous array's first element, for a job descriptor or a program
+    (the caller keeps the array alive while anything may read through the address)."""
+    assert a.flags.c_contiguous
+    return a.ctypes.data
+
+
 def warm() -> None:
     """Compile (or load from numba's cache) the caller's and the worker's functions with the
     argument types the runtime uses, on a tiny conv that the caller runs alone."""
@@ -273,6 +280,24 @@ class SpinPair:
                 while self.ctrl[POSTED] <= seen:
                     self._cond.wait()
                 self._parked = False
+
+    def run_sequence(self, fn, *args) -> None:
+        """fn(ctrl, seq, shared, *args), a nogil numba function that posts any number of jobs
+        numbered seq + 1, seq + 2, ... through _run_job and returns the last number it used (a
+        section program, escepe_rt/program.py). shared is False, and fn must run every job
+        alone, when another caller holds the slot."""
+        shared = self._slot.acquire(blocking=False)
+        if not shared:
+            fn(self.ctrl, 0, False, *args)
+            return
+        try:
+            self._ensure_worker()
+            if self._parked:
+                with self._cond:
+                    self._cond.notify()
+            self._seq = fn(self.ctrl, self._seq, True, *args)
+        finally:
+            self._slot.release()
 
     def run(self, args: tuple, by_blocks: bool, step: int, total: int, n: int) -> bool:
         """Run a direct conv (`args` as for microkernel.conv_direct, without the ranges) in n

@@ -1,0 +1,189 @@
+"""Batch-1 section programs (escepe_rt/program.py) against the executor's step lists.
+
+The step lists are themselves compared with PyTorch (test_runtime_vs_torch, test_kernels); here
+a program must reproduce them bit for bit: every value of the model, every exit's logits, and
+predict's answers, over repeated calls (the arena and its zero borders are reused).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import escepe_rt
+from compiler.export import export
+from compiler.models import build_model
+from escepe_rt import parallel, program
+from escepe_rt.executor import Executor
+
+FASHION = Path(__file__).resolve().parent.parent / "examples/fashion_resnet18.escepe"
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def _zoo(name: str, shape: tuple, tmp_path, **kw) -> escepe_rt.Model:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, in_channels=shape[0], **kw).eval()
+    path = tmp_path / f"{name}.escepe"
+    export(model, torch.zeros((1, *shape)), path)
+    return escepe_rt.load(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zoo")
+    return {
+        "fashion": escepe_rt.load(FASHION),
+        "resnet18_3x32": _zoo("resnet18", (3, 32, 32), tmp, width=16),
+        "resnet20_1x28": _zoo("resnet20", (1, 28, 28), tmp, width=8),
+    }
+
+
+NAMES = ["fashion", "resnet18_3x32", "resnet20_1x28"]
+
+
+def _executors(m):
+    with_programs = Executor(m.spec, m._buf, "lazy")
+    steps = Executor(m.spec, m._buf, "lazy", programs=False)
+    assert with_programs.program_unavailable is None, with_programs.program_unavailable
+    assert steps.program_unavailable == "programs=False"
+    return with_programs, steps
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_value_equals_the_step_lists(models, name):
+    m = models[name]
+    prog, steps = _executors(m)
+    rng = np.random.default_rng(3)
+    for _ in range(3):  # a reused arena: values and zero borders of the last call must not leak
+        x = _nhwc(rng.standard_normal((1, *m.input_shape), dtype=np.float32))
+        got = prog.run_all_exits(x)
+        env = steps._env(x)
+        for s in range(len(m.spec.sections)):
+            steps.run_section(s, env)
+        compared = 0
+        for v, at in prog._layout.offset.items():
+            if env[v] is None:  # a residual add folded into its conv has no value of its own
+                continue
+            np.testing.assert_array_equal(prog._arena[at : at + env[v].size], env[v].reshape(-1))
+            compared += 1
+        assert compared >= len(m.spec.nodes) - len(steps._fused)
+        for s, logits in enumerate(got):
+            np.testing.assert_array_equal(logits, env[m.spec.exits[s].logits])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("threshold", [0.0, 0.4, 0.6, 0.9, 2.0])
+def test_predict_equals_the_step_lists(models, name, threshold):
+    m = models[name]
+    prog, steps = _executors(m)
+    thresholds = [threshold] * (len(m.spec.exits) - 1) + [0.0]
+    rng = np.random.default_rng(4)
+    held = []
+    for _ in range(6):
+        x = _nhwc(rng.standard_normal((1, *m.input_shape), dtype=np.float32) * 2)
+        a = prog.predict(x, thresholds, m.policy)
+        b = steps.predict(x, thresholds, m.policy)
+        for f in ("labels", "exit_index", "confidence", "logits"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+            assert getattr(a, f).dtype == getattr(b, f).dtype
+        held.append((a, b))
+    for a, b in held:  # results handed out earlier are not views of the arena
+        np.testing.assert_array_equal(a.logits, b.logits)
+
+
+def test_programs_ran_and_shared_convs_with_the_worker(models):
+    m = models["fashion"]
+    prog, _ = _executors(m)
+    x = _nhwc(np.zeros((1, *m.input_shape), np.float32))
+    prog.predict(x, [2.0] * len(m.spec.exits), m.policy)
+    built = prog._programs
+    last = len(m.spec.exits) - 1
+    assert set(built) == {(s, False) for s in range(last)} | {(last, True)}
+    ops = np.concatenate([p.code[:, 0] for p in built.values()])
+    assert {program.OP_CONV, program.OP_PAD, program.OP_GAP, program.OP_LINEAR} <= set(ops)
+    if parallel.POOL.threads == 2:
+        assert built[(0, False)].shares  # the 28x28x16 3x3 convs are cut into chunks
+
+
+def test_an_exit_head_nobody_leaves_at_is_not_in_the_body_program(models):
+    m = models["fashion"]
+    prog, _ = _executors(m)
+    x = _nhwc(np.zeros((1, *m.input_shape), np.float32))
+    prog.predict(x, [2.0] * len(m.spec.exits), m.policy)
+    prog.run_all_exits(x)
+    body, full = prog._programs[(0, False)].code, prog._programs[(0, True)].code
+    assert len(body) < len(full)
+    assert program.OP_LINEAR not in body[:, 0] and program.OP_LINEAR in full[:, 0]
+
+
+def test_single_thread_programs_share_nothing(models, monkeypatch):
+    m = models["fashion"]
+    monkeypatch.setattr(parallel.POOL, "threads", 1)
+    prog, steps = _executors(m)
+    x = _nhwc(np.random.default_rng(5).standard_normal((1, *m.input_shape), dtype=np.float32))
+    for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
+        np.testing.assert_array_equal(a, b)
+    assert not any(p.shares for p in prog._programs.values())
+
+
+def test_a_held_arena_sends_the_call_to_the_step_lists(models):
+    m = models["fashion"]
+    prog, steps = _executors(m)
+    x = _nhwc(np.random.default_rng(6).standard_normal((1, *m.input_shape), dtype=np.float32))
+    with prog._arena_lock:  # another thread is inside a program
+        got = prog.predict(x, m.thresholds, m.policy)
+        assert prog._arena is None and not prog._programs
+    want = steps.predict(x, m.thresholds, m.policy)
+    np.testing.assert_array_equal(got.logits, want.logits)
+    np.testing.assert_array_equal(got.exit_index, want.exit_index)
+
+
+def test_threads_racing_for_the_arena_get_the_sequential_answers(models):
+    m = models["fashion"]
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1, *m.input_shape), dtype=np.float32) for _ in range(48)]
+    want = [escepe_rt.load(FASHION).predict(x) for x in xs]
+    shared = escepe_rt.load(FASHION)
+    got = [None] * len(xs)
+
+    def work(k):
+        for i in range(k, len(xs), 4):
+            got[i] = shared.predict(xs[i])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.logits, w.logits)
+        np.testing.assert_array_equal(g.exit_index, w.exit_index)
+
+
+def test_models_without_a_program_say_why(tmp_path, monkeypatch):
+    mobile = _zoo("mobilenet", (3, 32, 32), tmp_path, width=8)  # depthwise convs
+    assert "not on the direct kernels" in Executor(mobile.spec, mobile._buf).program_unavailable
+    m = escepe_rt.load(FASHION)
+    assert Executor(m.spec, m._buf, fuse=False).program_unavailable == "fuse=False"
+    monkeypatch.setattr(program, "ENABLED", False)
+    assert Executor(m.spec, m._buf).program_unavailable == "ESCEPE_PROGRAMS=0"
+    monkeypatch.setattr(program, "ENABLED", True)
+    monkeypatch.setattr(parallel.POOL, "threads", 4)  # ResNet-18 w16's convs reach the pool
+    big = _zoo("resnet18", (3, 32, 32), tmp_path, width=64)
+    assert "more than two threads" in Executor(big.spec, big._buf).program_unavailable
+
+
+def test_batches_other_than_one_use_the_step_lists(models):
+    m = models["fashion"]
+    prog, steps = _executors(m)
+    x = _nhwc(np.random.default_rng(8).standard_normal((3, *m.input_shape), dtype=np.float32))
+    for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
+        np.testing.assert_array_equal(a, b)
+    assert prog._arena is None
