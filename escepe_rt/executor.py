@@ -270,8 +270,8 @@ class Executor:
             return None
         if self._arena is None:
             self._arena = self._layout.arena()
-        at = self._layout.offset[0]
-        self._arena[at : at + x_nhwc.size] = x_nhwc.reshape(-1)
+            self._arena_input = self._layout.view(self._arena, 0)
+        self._arena_input[...] = x_nhwc[0]  # inside its zero border
         return self._arena
 
     def _run_program(self, s: int, with_exit: bool, arena: np.ndarray) -> None:
@@ -284,9 +284,7 @@ class Executor:
 
     def _logits_in(self, arena: np.ndarray, s: int) -> np.ndarray:
         """Exit s's logits (1, K): a view of the arena (valid until the next program runs)."""
-        v = self.spec.exits[s].logits
-        at, k = self._layout.offset[v], self.spec.values[v].shape[0]
-        return arena[at : at + k].reshape(1, k)
+        return self._layout.view(arena, self.spec.exits[s].logits)[None]
 
     # ------------------------------------------------------------------ running
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:

@@ -776,7 +776,7 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
         has_res,
         epi,
         act,
-        (w.kh, w.kw, sh, sw, dh),
+        (w.kh, w.kw, sh, sw, dh, 0, 0),  # no border of the input's own, none around out
     )
     blocks = w.panels.shape[0]
     pixels = n * ho * wo
@@ -1006,21 +1006,24 @@ def adaptive_avg_pool2d(x, output_size: tuple[int, int]) -> np.ndarray:
     if oh == 1 and ow == 1:
         # global average pool (every exit head): one nogil pass summing in float64, ~1 us at
         # batch 1 where numpy's two-axis mean costs ~5 us of call overhead
-        _global_avg_pool(x, out)
+        _global_avg_pool(x, 0, out)
         return out
     _adaptive_avg_pool(x, out)
     return out
 
 
 @_jit
-def _global_avg_pool(x, out):
-    n, h, w, c = x.shape
+def _global_avg_pool(x, border, out):
+    """Mean over each image of x (N, H, W, C) inside a border of `border` pixels (a section
+    program's maps keep a zero border, escepe_rt/program.py; the step lists' have none)."""
+    n, hb, wb, c = x.shape
+    h, w = hb - 2 * border, wb - 2 * border
     acc = np.empty(c, dtype=np.float64)
     inv = 1.0 / (h * w)
     for i in range(n):
         acc[:] = 0.0
-        for y in range(h):
-            for xx in range(w):
+        for y in range(border, border + h):
+            for xx in range(border, border + w):
                 for ch in range(c):
                     acc[ch] += x[i, y, xx, ch]
         for ch in range(c):

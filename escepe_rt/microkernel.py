@@ -50,18 +50,20 @@ def _make_tile(rows: int):
 
         acc = sum over ky < kh, k < krow of
             a[offs[o0 + r] + ky*a_ky + k] * b[b_off + (ky*krow + k)*LANES : +LANES]
-        c[c_off + r*ldc : +LANES] = act(acc * epi[cb:] + epi[cp + cb:] + (res[same] if has_res))
+        c[coffs[c0 + r] + c_add : +LANES] =
+            act(acc * epi[cb:] + epi[cp + cb:] + (res[same] if has_res))
 
     for r < rows; act 0 none, 1 relu, 2 relu6 (as kernels._act1: NaN -> 0). offs holds each
-    pixel's input offset (pixels of a tile may span output rows); b is a panel, kh*krow rows of
+    pixel's input offset and coffs each pixel's output offset (pixels of a tile may span output
+    rows, and the output may have a border); b is a panel, kh*krow rows of
     LANES floats, contiguous; epi holds scale then shift, cp entries each (ep = (cb, cp, has_res,
     act); the caller passes ones / zeros when the conv has none); res has c's layout (c itself
     when has_res is false). Offsets are in elements; the caller guarantees every access is
     inside the arrays (there are no bounds checks here)."""
 
     @intrinsic
-    def tile(typingctx, a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc, epi, res, ep):
-        sig = types.void(a, offs, o0, kh, a_ky, krow, b, b_off, c, c_off, ldc, epi, res, ep)
+    def tile(typingctx, a, offs, o0, kh, a_ky, krow, b, b_off, c, coffs, c0, c_add, epi, res, ep):
+        sig = types.void(a, offs, o0, kh, a_ky, krow, b, b_off, c, coffs, c0, c_add, epi, res, ep)
 
         def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
@@ -71,9 +73,10 @@ def _make_tile(rows: int):
             ptr_o = context.make_array(signature.args[1])(context, builder, args[1]).data
             ptr_b = context.make_array(signature.args[6])(context, builder, args[6]).data
             ptr_c = context.make_array(signature.args[8])(context, builder, args[8]).data
-            o0, kh, a_ky, krow, b_off, c_off, ldc = (
+            ptr_co = context.make_array(signature.args[9])(context, builder, args[9]).data
+            o0, kh, a_ky, krow, b_off, c0, c_add = (
                 context.cast(builder, args[i], signature.args[i], types.int64)
-                for i in (2, 3, 4, 5, 7, 9, 10)
+                for i in (2, 3, 4, 5, 7, 10, 11)
             )
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.v{LANES}f32"
@@ -134,12 +137,12 @@ def _make_tile(rows: int):
 
             builder.position_at_end(done)
             # epilogue: epi = [scale (cp), shift (cp)] flat; ep = (cb, cp, has_res, act)
-            ptr_e = context.make_array(signature.args[11])(context, builder, args[11]).data
-            ptr_r = context.make_array(signature.args[12])(context, builder, args[12]).data
-            cb, cp, has_res, act = cgutils.unpack_tuple(builder, args[13], 4)
+            ptr_e = context.make_array(signature.args[12])(context, builder, args[12]).data
+            ptr_r = context.make_array(signature.args[13])(context, builder, args[13]).data
+            cb, cp, has_res, act = cgutils.unpack_tuple(builder, args[14], 4)
             cb, cp, has_res, act = (
                 context.cast(builder, v, t, types.int64)
-                for v, t in zip((cb, cp, has_res, act), signature.args[13].types)
+                for v, t in zip((cb, cp, has_res, act), signature.args[14].types)
             )
             sc = builder.load(builder.bitcast(builder.gep(ptr_e, [cb]), vptr), align=4)
             sf_at = builder.gep(ptr_e, [builder.add(cp, cb)])
@@ -156,7 +159,8 @@ def _make_tile(rows: int):
             )
             six = ir.Constant(vty, [6.0] * LANES)
             for r in range(rows):
-                off = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
+                at = builder.add(c0, ir.Constant(i64, r))
+                off = builder.add(builder.load(builder.gep(ptr_co, [at])), c_add)
                 v = builder.call(fma_, [accs_ky[r], sc, sf])
                 rv = builder.load(builder.bitcast(builder.gep(ptr_r, [off]), vptr), align=4)
                 v = builder.fadd(v, builder.select(use_res, rv, zero))
@@ -186,52 +190,64 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
 
     xp: padded NHWC input (N, Hp, Wp, C), C-contiguous; w: panels (ceil(Cout / LANES),
     kh*kw*C, LANES), rows (ky, kx, ci), the last panel zero-padded when Cout % LANES != 0;
-    out, res: (N, Ho, Wo, Cout) (res = out when has_res is false); epi: (2 * Cp,) scale then
-    shift (ones / zeros where the conv has none), Cp = LANES * panels, padded like the panels;
-    act 0/1/2 (none, relu, relu6). geom = (kh, kw, sh, sw, dh). The caller checked the shapes:
-    every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
-    (across output rows: each pixel has its own input offset), channel blocks the outer loop: a
-    block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every pixel uses it.
-    A partial last block (Cout % LANES channels) computes its tiles into a LANES-wide scratch
-    and copies the valid channels out (the tiles load and store whole vectors); with Cout <
-    LANES only the last tile of the range needs that (_partial_block).
+    out, res: (N, Ho + 2 * pad_out, Wo + 2 * pad_out, Cout), of which the interior is written
+    (res = out when has_res is false); epi: (2 * Cp,) scale then shift (ones / zeros where the
+    conv has none), Cp = LANES * panels, padded like the panels; act 0/1/2 (none, relu, relu6).
+    geom = (kh, kw, sh, sw, dh, origin, pad_out): the conv's padded input starts `origin` floats
+    into each image of xp (a section program keeps every map inside a zero border of its own, at
+    least as wide as the convs that read it need, so it is read in place and written into the
+    next conv's border without a padding copy; the step lists pass 0, 0). The caller checked the
+    shapes: every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
+    (across output rows: each pixel has its own input and output offset), channel blocks the
+    outer loop: a block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every
+    pixel uses it. A partial last block (Cout % LANES channels) computes its tiles into a
+    LANES-wide scratch and copies the valid channels out (the tiles load and store whole
+    vectors); with Cout < LANES only the last tile of the range needs that (see below).
     """
-    kh, kw, sh, sw, dh = geom
+    kh, kw, sh, sw, dh, origin, pad_out = geom
     _, hp, wp, c = xp.shape
-    _, ho, wo, cout = out.shape
+    _, hq, wq, cout = out.shape
+    ho, wo = hq - 2 * pad_out, wq - 2 * pad_out
     cp = w.shape[0] * LANES  # epilogue stride: scale[0:cp], shift[cp:2cp]
     krow = kw * c  # reduction length of one kernel row (kx, ci): contiguous in xp
     a_ky = dh * wp * c
     panel = kh * krow * LANES
     npx = m1 - m0
-    # each pixel's input offset, walked without a division per pixel (two 64-bit divisions per
-    # pixel cost ~8 us on a 28x28 output, more than a 1x1 conv's multiply-adds)
+    # each pixel's input and output offsets, walked without a division per pixel (two 64-bit
+    # divisions per pixel cost ~8 us on a 28x28 output, more than a 1x1 conv's multiply-adds)
     offs = np.empty(npx, dtype=np.int64)
+    outs = np.empty(npx, dtype=np.int64)
     ox = m0 % wo
     t = m0 // wo
     oy = t % ho
     row = ((t // ho) * hp + oy * sh) * wp  # input pixel index of (n, oy * sh, 0)
+    out_row = ((t // ho) * hq + oy + pad_out) * wq + pad_out  # output pixel index of (n, oy, 0)
     for i in range(npx):
-        offs[i] = (row + ox * sw) * c
+        offs[i] = (row + ox * sw) * c + origin
+        outs[i] = (out_row + ox) * cout
         ox += 1
         if ox == wo:
             ox = 0
             oy += 1
             row += sh * wp
+            out_row += wq
             if oy == ho:
                 oy = 0
                 row += (hp - ho * sh) * wp
+                out_row += (hq - ho) * wq
     # A partial last block (Cout % LANES channels) runs its tiles on an (8, LANES) scratch (its
     # residual copied in, its valid channels copied out), so no vector store reaches past the
     # block's channels into another block's, another chunk's pixels or past the end of out.
     # With Cout < LANES (one partial block) only the last tile needs it: each row's
-    # whole-vector store spills into the next pixel, which the next row or tile overwrites.
+    # whole-vector store spills into the next pixel, which the next row or tile overwrites, or
+    # which is border: the spilled lanes hold act(0 * 1 + 0 + res), and res's border is zero.
     # The scratches are 4-D like out and res and each tile width has one call site, so the
     # tiles compile once (numba's cold-cache compile time tripled with a second, 2-D
     # instantiation); they are empty when every block is full.
     scratch_rows = 8 if cout % LANES else 0
     tmp = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
     tmp_res = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
+    tmp_outs = np.arange(scratch_rows) * LANES
     src = tmp.ravel()
     src_res = tmp_res.ravel()
     flat_out = out.ravel()
@@ -244,33 +260,34 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
         i = 0
         while i < npx:
             rows = min(8, npx - i)
-            at = (m0 + i) * cout + cb
             direct = valid == LANES or (cout < LANES and i + rows < npx)
             if direct:
-                c, c_off, ldc, r_in = out, at, cout, res
+                c, c_offs, c0, c_add, r_in = out, outs, i, cb, res
             else:
-                c, c_off, ldc, r_in = tmp, 0, LANES, tmp_res
+                c, c_offs, c0, c_add, r_in = tmp, tmp_outs, i - i, cb - cb, tmp_res
                 if has_res:
                     for r in range(rows):
+                        at = outs[i + r] + cb
                         for k in range(valid):
-                            src_res[r * LANES + k] = flat_res[at + r * cout + k]
+                            src_res[r * LANES + k] = flat_res[at + k]
             # the widest tile that fits (one call site per tile width: compile time)
             if rows >= 8:
-                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
                 done = 8
             elif rows >= 4:
-                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
                 done = 4
             elif rows >= 2:
-                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
                 done = 2
             else:
-                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_off, ldc, epi, r_in, ep)
+                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
                 done = 1
             if not direct:
                 for r in range(done):
+                    at = outs[i + r] + cb
                     for k in range(valid):
-                        flat_out[at + r * cout + k] = src[r * LANES + k]
+                        flat_out[at + k] = src[r * LANES + k]
             i += done
 
 

@@ -4,12 +4,14 @@ Why: at batch 1 a small model's ops take a few microseconds each, and every step
 executor's plan paid ~3 us of Python around its kernel (argument checks, numba's dispatch of a
 dozen arguments, the spinning worker's slot, a numpy padding copy). The Fashion-MNIST model's
 first exit is 13 steps, so that was a quarter of its time. Here a section's steps become rows of
-an int64 instruction array over one float32 arena that holds every value of the model at batch 1
-(plus a zero-bordered copy of each value that a padded conv reads); `run` walks the rows in one
-numba call. Convs run on the same direct kernels with the same chunks as kernels._conv_direct
-(big ones shared with the spinning worker through spinpool._run_job), the pool and head kernels
-and the linear loop are the step list's, so a program's values equal the step list's bit for bit
-(which of the two runs a batch-1 call depends on contention for the arena).
+an int64 instruction array over one float32 arena that holds every value of the model at batch 1,
+each map inside a zero border as wide as the widest conv padding (so convs read their input in
+place and write straight into the next conv's padded input: no padding copies); `run` walks the
+rows in one numba call. Convs run on the same direct kernels with the same chunks as
+kernels._conv_direct (big ones shared with the spinning worker through spinpool._run_job), the
+pool and head kernels and the linear loop are the step list's, so a program's values equal the
+step list's bit for bit (which of the two runs a batch-1 call depends on contention for the
+arena).
 
 Programs cover models whose every node is an ungrouped conv on the direct kernels, ADD,
 ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or LINEAR, on at most two
@@ -25,10 +27,6 @@ import os
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from escepe_rt import kernels, microkernel, parallel, spinpool
 from escepe_rt._fbs.OpCode import OpCode
@@ -36,7 +34,7 @@ from escepe_rt.summary import node_macs
 
 ENABLED = os.environ.get("ESCEPE_PROGRAMS", "1").strip() != "0"
 
-OP_PAD, OP_CONV, OP_ADD, OP_ACT, OP_GAP, OP_LINEAR = 1, 2, 3, 4, 5, 6
+OP_CONV, OP_ADD, OP_ACT, OP_GAP, OP_LINEAR = 2, 3, 4, 5, 6
 WORDS = 32  # int64 words per instruction
 ALIGN = 16  # floats: every arena buffer starts on a 64-byte line
 
@@ -48,6 +46,7 @@ def eligible(spec) -> str | None:
     if not ENABLED:
         return "ESCEPE_PROGRAMS=0"
     values = spec.values
+    border = borders(spec)
     big = False
     for i, node in enumerate(spec.nodes):
         op, shape_in = node.op, values[node.inputs[0]].shape if node.inputs else ()
@@ -56,16 +55,20 @@ def eligible(spec) -> str | None:
             cout = values[node.output].shape[0]
             if not kernels.runs_direct(cout, o["groups"], o["dilation"][1]):
                 return f"node {i}: conv not on the direct kernels"
+            if border[node.inputs[0]] < max(o["padding"]):
+                return f"node {i}: conv padding wider than its input's border"
             big |= node_macs(spec, node) >= kernels.PARALLEL_MIN_MACS
         elif op in (OpCode.ADD, OpCode.ACTIVATION):
             if op == OpCode.ADD and len({values[v].shape for v in node.inputs}) != 1:
                 return f"node {i}: add of differently shaped values"
+            if len({border[v] for v in node.inputs}) != 1:
+                return f"node {i}: inputs with different borders"
         elif op == OpCode.ADAPTIVE_AVG_POOL2D:
             if tuple(node.options["adaptive_pool"]["output_size"]) != (1, 1):
                 return f"node {i}: adaptive pool to more than 1x1"
         elif op == OpCode.FLATTEN:
-            if len(shape_in) == 3 and tuple(shape_in[1:]) != (1, 1):
-                return f"node {i}: flatten of a map larger than 1x1"
+            if len(shape_in) == 3 and (tuple(shape_in[1:]) != (1, 1) or border[node.inputs[0]]):
+                return f"node {i}: flatten of a map larger than 1x1 or with a border"
         elif op == OpCode.LINEAR:
             if len(shape_in) != 1:
                 return f"node {i}: linear on a non-flat value"
@@ -78,26 +81,58 @@ def eligible(spec) -> str | None:
     return None
 
 
+def borders(spec) -> dict[int, int]:
+    """Pixels of zero border kept around each value's map in the arena: the widest conv padding
+    of the model around the input and every conv output (and the ADDs and activations of
+    those), so any conv reads its input in place and writes its output straight into the next
+    conv's padded input (no padding copy); none around pooled maps and flat values."""
+    pad = max(
+        (max(n.options["conv"]["padding"]) for n in spec.nodes if n.op == OpCode.CONV2D),
+        default=0,
+    )
+    border = {0: pad}
+    for node in spec.nodes:
+        if node.op == OpCode.CONV2D:
+            border[node.output] = pad
+        elif node.op in (OpCode.ADD, OpCode.ACTIVATION):
+            border[node.output] = border[node.inputs[0]]
+        else:
+            border[node.output] = 0
+    return border
+
+
 class Layout:
-    """Arena offsets (in floats) of every value at batch 1, NHWC, and of the zero-bordered
-    copies that padded convs read: {(value, ph, pw): offset}. FLATTEN of a 1x1 map is its input
-    (the NCHW flatten of a 1x1 NHWC map is the same floats)."""
+    """Arena offsets (in floats) of every value at batch 1: a map (C, H, W) as NHWC (1, H + 2b,
+    W + 2b, C) with a zero border of b = border[value] pixels; FLATTEN of a 1x1 map is its
+    input (the NCHW flatten of a 1x1 NHWC map is the same floats)."""
 
     def __init__(self, spec):
+        self.spec = spec
+        self.border = borders(spec)
         self.size = 0
-        self.offset: dict[int, int] = {0: self._alloc(math.prod(spec.values[0].shape))}
-        self.padded: dict[tuple[int, int, int], int] = {}
+        self.offset: dict[int, int] = {0: self._alloc(self.floats(0))}
         for node in spec.nodes:
             if node.op == OpCode.FLATTEN:
                 self.offset[node.output] = self.offset[node.inputs[0]]
-                continue
-            self.offset[node.output] = self._alloc(math.prod(spec.values[node.output].shape))
-            if node.op == OpCode.CONV2D:
-                ph, pw = node.options["conv"]["padding"]
-                key = (node.inputs[0], ph, pw)
-                if (ph or pw) and key not in self.padded:
-                    c, h, w = spec.values[key[0]].shape
-                    self.padded[key] = self._alloc((h + 2 * ph) * (w + 2 * pw) * c)
+            else:
+                self.offset[node.output] = self._alloc(self.floats(node.output))
+
+    def dims(self, v: int) -> tuple[int, ...]:
+        """(H + 2b, W + 2b, C) of a map, (K,) of a flat value."""
+        shape, b = self.spec.values[v].shape, self.border[v]
+        if len(shape) == 3:
+            c, h, w = shape
+            return (h + 2 * b, w + 2 * b, c)
+        return tuple(shape)
+
+    def floats(self, v: int) -> int:
+        return math.prod(self.dims(v))
+
+    def view(self, arena: np.ndarray, v: int) -> np.ndarray:
+        """The value v inside the arena, without its border: (H, W, C) or (K,)."""
+        at, dims, b = self.offset[v], self.dims(v), self.border[v]
+        whole = arena[at : at + math.prod(dims)].reshape(dims)
+        return whole[b : dims[0] - b, b : dims[1] - b] if len(dims) == 3 else whole
 
     def _alloc(self, floats: int) -> int:
         at = self.size
@@ -105,7 +140,8 @@ class Layout:
         return at
 
     def arena(self) -> np.ndarray:
-        """A zeroed arena: the padded copies' borders are never written, so they stay zero."""
+        """A zeroed arena. Borders stay zero: convs write only the interior of their output and
+        spill into the border only act(0 + 0), ADD and activation map zeros to zeros."""
         return np.zeros(self.size, dtype=np.float32)
 
 
@@ -115,14 +151,16 @@ class Program:
 
     def __init__(self, code: np.ndarray, keep: list):
         self.code, self.keep = code, keep
-        self.shares = bool(np.any((code[:, 0] == OP_CONV) & (code[:, 24] > 1)))
+        self.shares = bool(np.any((code[:, 0] == OP_CONV) & (code[:, _CHUNKS] > 1)))
+
+
+_CHUNKS = 26  # the word of a conv row holding its chunk count
 
 
 def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Program:
-    """The program of a step list (Executor._section_plan or _body_plan): one row per step, plus
-    a PAD row before the first conv of the program that reads each padded copy."""
-    rows, keep, padded_here = [], [], set()
-    off = layout.offset
+    """The program of a step list (Executor._section_plan or _body_plan): one row per step."""
+    rows, keep = [], []
+    off, border = layout.offset, layout.border
 
     def row(*words):
         r = np.zeros(WORDS, dtype=np.int64)
@@ -135,15 +173,10 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
         if op == OpCode.CONV2D:
             o = node.options["conv"]
             (sh, sw), (ph, pw), (dh, _) = o["stride"], o["padding"], o["dilation"]
-            c, h, w = spec.values[ins[0]].shape
-            cout, ho, wo = spec.values[out].shape
-            x_at = off[ins[0]]
-            if ph or pw:
-                key = (ins[0], ph, pw)
-                x_at = layout.padded[key]
-                if key not in padded_here:
-                    padded_here.add(key)
-                    row(OP_PAD, off[ins[0]], h, w, c, x_at, ph, pw)
+            hp, wp, c = layout.dims(ins[0])
+            hq, wq, cout = layout.dims(out)
+            b_in = border[ins[0]]
+            origin = ((b_in - ph) * wp + (b_in - pw)) * c  # where the conv's padded input starts
             p = params[i]
             weight = p["weight"]
             act = spec.nodes[fused[i][0]].activation if i in fused else node.activation
@@ -152,29 +185,29 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
             epi = kernels._direct_epilogue(sc, sf, has_sc, has_sf, cout)
             panels = weight.panels
             keep += [panels, epi]
-            blocks, pixels = panels.shape[0], ho * wo
+            blocks = panels.shape[0]
+            pixels = (hq - 2 * border[out]) * (wq - 2 * border[out])
             macs = pixels * cout * weight.kh * weight.kw * c
             if parallel.POOL.threads == 1 or macs < kernels.PAIR_MIN_MACS:
                 by_blocks, step, chunks = True, blocks, 1
             else:
                 by_blocks, step, chunks = microkernel.split(blocks, pixels, 4)
             res = off[ins[1]] if len(ins) > 1 else -1
-            hp, wp = h + 2 * ph, w + 2 * pw
             row(
-                OP_CONV, x_at, hp, wp, c, off[out], ho, wo, cout, res,
+                OP_CONV, off[ins[0]], hp, wp, c, off[out], hq, wq, cout, res,
                 spinpool.address_of(panels), blocks, panels.shape[1], panels.shape[2],
                 spinpool.address_of(epi), epi.shape[0], act,
-                weight.kh, weight.kw, sh, sw, dh, int(by_blocks), step, chunks,
+                weight.kh, weight.kw, sh, sw, dh, origin, border[out],
+                int(by_blocks), step, chunks, pixels,
             )  # fmt: skip
         elif op == OpCode.ADD:
-            size = math.prod(spec.values[out].shape)
+            size = layout.floats(out)
             row(OP_ADD, off[ins[0]], off[ins[1]], off[out], size, node.activation)
         elif op == OpCode.ACTIVATION:
-            size = math.prod(spec.values[out].shape)
-            row(OP_ACT, off[ins[0]], off[out], size, node.activation)
+            row(OP_ACT, off[ins[0]], off[out], layout.floats(out), node.activation)
         elif op == OpCode.ADAPTIVE_AVG_POOL2D:
-            c, h, w = spec.values[ins[0]].shape
-            row(OP_GAP, off[ins[0]], h, w, c, off[out])
+            hp, wp, c = layout.dims(ins[0])
+            row(OP_GAP, off[ins[0]], hp, wp, c, off[out], border[ins[0]])
         elif op == OpCode.LINEAR:
             p = params[i]
             w = p["weight"]  # (I, O)
@@ -227,13 +260,11 @@ def run(ctrl, seq, shared, code, arena):
         op = ins[0]
         if op == OP_CONV:
             seq = _conv(ins, base, ctrl, seq, shared)
-        elif op == OP_PAD:
-            _pad(ins, base)
         elif op == OP_GAP:
-            h, w, c = ins[2], ins[3], ins[4]
-            x = numba.carray(_at(base, ins[1]), (1, h, w, c))
+            hp, wp, c = ins[2], ins[3], ins[4]
+            x = numba.carray(_at(base, ins[1]), (1, hp, wp, c))
             out = numba.carray(_at(base, ins[5]), (1, 1, 1, c))
-            kernels._global_avg_pool(x, out)
+            kernels._global_avg_pool(x, ins[6], out)
         elif op == OP_LINEAR:
             _linear(ins, base)
         elif op == OP_ADD:
@@ -250,18 +281,17 @@ def run(ctrl, seq, shared, code, arena):
 
 @_jit
 def _conv(ins, base, ctrl, seq, shared):
-    hp, wp, c, ho, wo, cout = ins[2], ins[3], ins[4], ins[6], ins[7], ins[8]
+    hp, wp, c, hq, wq, cout = ins[2], ins[3], ins[4], ins[6], ins[7], ins[8]
     xp = numba.carray(_at(base, ins[1]), (1, hp, wp, c))
-    out = numba.carray(_at(base, ins[5]), (1, ho, wo, cout))
+    out = numba.carray(_at(base, ins[5]), (1, hq, wq, cout))
     has_res = ins[9] >= 0
-    res = numba.carray(_at(base, ins[9] if has_res else ins[5]), (1, ho, wo, cout))
+    res = numba.carray(_at(base, ins[9] if has_res else ins[5]), (1, hq, wq, cout))
     blocks = ins[11]
     w = numba.carray(spinpool._f32_ptr(ins[10]), (blocks, ins[12], ins[13]))
     epi = numba.carray(spinpool._f32_ptr(ins[14]), (ins[15],))
     act = ins[16]
-    geom = (ins[17], ins[18], ins[19], ins[20], ins[21])
-    by_blocks, step, chunks = ins[22] != 0, ins[23], ins[24]
-    total = ho * wo
+    geom = (ins[17], ins[18], ins[19], ins[20], ins[21], ins[22], ins[23])
+    by_blocks, step, chunks, total = ins[24] != 0, ins[25], ins[_CHUNKS], ins[27]
     if shared and chunks > 1:
         seq += 1
         spinpool._run_job(
@@ -273,35 +303,6 @@ def _conv(ins, base, ctrl, seq, shared):
             xp, w, out, res, has_res, epi, act, geom, first, blocks, first, total
         )
     return seq
-
-
-@intrinsic
-def _memcpy(typingctx, dst, src, nbytes):
-    """memcpy between two int64 addresses (numba's element loops with index wraparound checks
-    did not vectorise: a 28x28x16 row-by-row copy took 5.8 us, this 1.2 us)."""
-
-    def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        d, s = (builder.inttoptr(a, i8p) for a in args[:2])
-        cgutils.raw_memcpy(builder, d, s, args[2], 1)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64, types.int64), codegen
-
-
-@_jit
-def _pad(ins, base):
-    """The value at ins[1] ((h, w, c) = ins[2:5]) into the interior of its zero-bordered copy
-    at ins[5] (ph, pw = ins[6:8]); one contiguous run of w * c floats per row."""
-    h, w, c, ph, pw = ins[2], ins[3], ins[4], ins[6], ins[7]
-    wp = w + 2 * pw
-    src = base + 4 * ins[1]
-    dst = base + 4 * (ins[5] + (ph * wp + pw) * c)
-    row = 4 * w * c
-    for _ in range(h):
-        _memcpy(dst, src, row)
-        src += row
-        dst += 4 * wp * c
 
 
 @_jit

@@ -129,8 +129,9 @@ XP, XP_SHAPE = DESC, DESC + 1  # address, 4 dims
 W, W_SHAPE = DESC + 5, DESC + 6  # 3 dims
 OUT, OUT_SHAPE = DESC + 9, DESC + 10  # 4 dims (res has out's shape)
 RES, EPI, EPI_LEN = DESC + 14, DESC + 15, DESC + 16
-HAS_RES, ACT, GEOM = DESC + 17, DESC + 18, DESC + 19  # geom: 5 words
-BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 24, DESC + 25, DESC + 26, DESC + 27
+HAS_RES, ACT, GEOM = DESC + 17, DESC + 18, DESC + 19  # geom: GEOM_WORDS words
+GEOM_WORDS = 7
+BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 26, DESC + 27, DESC + 28, DESC + 29
 CTRL_WORDS = DESC + 32
 
 
@@ -167,7 +168,7 @@ def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, ste
         ctrl[OUT_SHAPE + d] = out.shape[d]
     for d in range(3):
         ctrl[W_SHAPE + d] = w.shape[d]
-    for d in range(5):
+    for d in range(GEOM_WORDS):
         ctrl[GEOM + d] = geom[d]
     ctrl[EPI_LEN] = epi.shape[0]
     ctrl[HAS_RES] = has_res
@@ -197,7 +198,8 @@ def _take_described(ctrl, seq):
     out = numba.carray(_f32_ptr(ctrl[OUT]), out_shape)
     res = numba.carray(_f32_ptr(ctrl[RES]), out_shape)
     epi = numba.carray(_f32_ptr(ctrl[EPI]), (ctrl[EPI_LEN],))
-    geom = (ctrl[GEOM], ctrl[GEOM + 1], ctrl[GEOM + 2], ctrl[GEOM + 3], ctrl[GEOM + 4])
+    g = ctrl[GEOM : GEOM + GEOM_WORDS]
+    geom = (g[0], g[1], g[2], g[3], g[4], g[5], g[6])
     has_res = ctrl[HAS_RES] != 0
     by_blocks = ctrl[BY_BLOCKS] != 0
     act, step, total, n = ctrl[ACT], ctrl[STEP], ctrl[TOTAL], ctrl[CHUNKS]
@@ -243,7 +245,7 @@ def warm() -> None:
     w = np.zeros((1, 1, lanes), dtype=np.float32)
     out = np.zeros((1, 1, 1, lanes), dtype=np.float32)
     epi = np.zeros(2 * lanes, dtype=np.float32)
-    job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1), True, 1, 1, 1)
+    job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0), True, 1, 1, 1)
     ctrl = np.zeros(CTRL_WORDS, dtype=np.int64)  # a private slot: the worker never sees this job
     _run_job(ctrl, 1, *job)
     microkernel.conv_chunk(*job[:-1], 0)  # the Python pool's entry (machines with > 2 threads)

@@ -100,3 +100,50 @@ def test_direct_conv_shared_chunks_match_numpy(case, threads, monkeypatch):
     for _ in range(3):  # repeated: reused buffers, new job sequence numbers
         got = K.conv2d(x, prepared, sc, sf, stride, padding, dilation, act, residual=res)
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * max(1.0, float(np.abs(ref).max())))
+
+
+def _bordered(a: np.ndarray, b: int, fill: float = 0.0) -> np.ndarray:
+    """a (N, H, W, C) inside a border of b pixels holding `fill`."""
+    n, h, w, c = a.shape
+    out = np.full((n, h + 2 * b, w + 2 * b, c), fill, dtype=np.float32)
+    out[:, b : b + h, b : b + w] = a
+    return out
+
+
+@pytest.mark.parametrize("b_out", [0, 1, 2])
+@pytest.mark.parametrize("split", ["whole", "chunks", "pair"])
+@pytest.mark.parametrize("case", [c for c in DIRECT_CASES if c[8][1] == 1], ids=str)
+def test_direct_conv_reads_and_writes_inside_borders(case, split, b_out):
+    """The section programs' layout (escepe_rt/program.py): the input read in place from inside
+    a wider zero border (geom's origin), the output and residual written inside a border of
+    b_out pixels (geom's pad_out) == the numpy reference, with every border left zero (partial
+    panels spill whole vectors into the next pixel, which may be border)."""
+    from escepe_rt import microkernel, spinpool
+
+    x, wt, sc, sf, res, act, ref = make_case(case, "residual_relu6", seed_offset=b_out)
+    (sh, sw), (ph, pw), (dh, _) = case[6:]
+    kh, kw = case[5]
+    b_in = max(ph, pw) + 1  # wider than the conv needs
+    xb = _bordered(x, b_in)
+    origin = ((b_in - ph) * xb.shape[2] + (b_in - pw)) * xb.shape[3]
+    out = _bordered(np.full(ref.shape, np.nan, np.float32), b_out)
+    resb = _bordered(res, b_out)
+    panels = K.prepare_conv_weight(wt, 1).panels
+    cout = ref.shape[3]
+    epi = K._direct_epilogue(np.ones(cout, np.float32), np.zeros(cout, np.float32), 1, 1, cout)
+    args = (xb, panels, out, resb, True, epi, act, (kh, kw, sh, sw, dh, origin, b_out))
+    blocks, pixels = panels.shape[0], ref[..., 0].size
+    if split == "whole":
+        microkernel.conv_direct(*args, 0, blocks, 0, pixels)
+    else:
+        by_blocks, step, n = microkernel.split(blocks, pixels, 4)
+        if split == "pair":
+            assert spinpool.PAIR.run(args, by_blocks, step, pixels, n)
+        else:
+            for i in reversed(range(n)):  # another order than the pair's
+                microkernel.conv_chunk(*args, by_blocks, step, pixels, i)
+    inner = out[:, b_out : out.shape[1] - b_out, b_out : out.shape[2] - b_out]
+    np.testing.assert_allclose(inner, ref, rtol=0, atol=2e-5 * max(1.0, float(np.abs(ref).max())))
+    border = out.copy()
+    border[:, b_out : out.shape[1] - b_out, b_out : out.shape[2] - b_out] = 0.0
+    assert not border.any(), "a conv wrote into its output's border"
