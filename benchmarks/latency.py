@@ -371,8 +371,11 @@ def profile_escepe(path: str, data, runs: int) -> dict:
         return wrapped
 
     m = escepe_rt.load(path, threshold=1.5, decode="eager")
-    m.predict(data[0])
     ex = m._executor
+    # per-op times come from the step lists: a batch-1 section program (escepe_rt/program.py)
+    # is one nogil call with no op boundaries to time, so the profile turns programs off
+    ex._layout = None
+    m.predict(data[0])
     spec = m.spec
     plans = list(ex._plans)
     wrapped_plans = []

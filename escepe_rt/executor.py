@@ -70,6 +70,7 @@ class Executor:
         self._params: list[dict | None] = [None] * len(spec.sections)
         self._plans: list[list | None] = [None] * len(spec.sections)
         self._body_plans: list[list | None] = [None] * len(spec.sections)
+        self._drops: dict[tuple[int, bool], list[list[int]]] = {}
         self._decode_lock = threading.Lock()
         self.decoded_sections: set[int] = set()
         self._live_after = [sorted(v) for v in self._live_values()]
@@ -219,12 +220,40 @@ class Executor:
             live.append(produced & later_inputs)
         return live
 
-    def run_section(self, s: int, env: list, with_exit: bool = True) -> None:
+    def run_section(
+        self, s: int, env: list, with_exit: bool = True, keep_values: bool = False
+    ) -> None:
         """Run section s on env in place; without `with_exit`, only the steps that later
-        sections need (exit s's head is skipped: nobody can leave there)."""
+        sections need (exit s's head is skipped: nobody can leave there). Each value is
+        dropped from env after its last reader unless a later section or the caller needs it
+        (exit s's logits, the values live after s), so big batches hold about their largest
+        live set, not every activation (`keep_values` keeps them all, for tests)."""
         plan = self._section_plan(s) if with_exit else self._body_plan(s)
-        for fn, ins, out, _ in plan:
+        drops = self._drops.get((s, with_exit))
+        if drops is None:
+            drops = self._drops[(s, with_exit)] = self._drop_lists(s, plan, with_exit)
+        for (fn, ins, out, _), dead in zip(plan, drops):
             env[out] = fn(*[env[v] for v in ins])
+            if not keep_values:
+                for v in dead:
+                    env[v] = None
+
+    def _drop_lists(self, s: int, plan: list, with_exit: bool) -> list[list[int]]:
+        """Per step of plan, the values nothing after it reads (this section's later steps,
+        later sections, the caller)."""
+        keep = set(self._live_after[s]) | {0}  # the input belongs to the caller
+        if with_exit:
+            keep.add(self.spec.exits[s].logits)
+        last = {}
+        for k, (_, ins, out, _) in enumerate(plan):
+            last[out] = k
+            for v in ins:
+                last[v] = k
+        drops: list[list[int]] = [[] for _ in plan]
+        for v, k in last.items():
+            if v not in keep:
+                drops[k].append(v)
+        return drops
 
     def _body_plan(self, s: int) -> list:
         """Section s's steps minus those that only feed exit s's head (cached)."""

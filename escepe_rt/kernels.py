@@ -644,19 +644,22 @@ REUSE_MAX_BYTES = 1 << 20
 
 
 class _Reused(threading.local):
-    """One float32 array per thread, handed out again while nobody else holds it."""
+    """One float32 array per thread, handed out again while nobody else holds it; arrays above
+    REUSE_MAX_BYTES come from the thread's _BigBuffers instead (shared by all convs)."""
 
     def __init__(self):
         self.buf = None
 
-    def take(self, shape: tuple, zeroed: bool = False) -> np.ndarray:
+    def take(self, shape: tuple, zeroed: bool = False, pad: tuple = ()) -> np.ndarray:
         buf = self.buf
         # 3 references: self.buf, `buf`, getrefcount's argument. More: an earlier result (or a
         # view of it) is still alive somewhere, so it must not be overwritten.
         if buf is not None and buf.shape == shape and sys.getrefcount(buf) == 3:
             return buf
+        if 4 * math.prod(shape) > REUSE_MAX_BYTES:
+            return _BIG.take(shape, zeroed, pad)
         buf = np.zeros(shape, dtype=_F32) if zeroed else np.empty(shape, dtype=_F32)
-        self.buf = buf if buf.nbytes <= REUSE_MAX_BYTES else None
+        self.buf = buf
         return buf
 
     def padded(self, x: np.ndarray, ph: int, pw: int) -> np.ndarray:
@@ -665,9 +668,46 @@ class _Reused(threading.local):
         if ph == 0 and pw == 0:
             return x
         n, h, w, c = x.shape
-        xp = self.take((n, h + 2 * ph, w + 2 * pw, c), zeroed=True)
+        xp = self.take((n, h + 2 * ph, w + 2 * pw, c), zeroed=True, pad=(ph, pw))
         xp[:, ph : ph + h, pw : pw + w] = x
         return xp
+
+
+# Activations above REUSE_MAX_BYTES (batch 32 and up) come from a per-thread set of buffers that
+# are handed out again once nothing else refers to them (the executor drops each value after its
+# last reader, so a forward pass cycles through about its largest live set). Why: freshly
+# allocated buffers of a few MB are either new pages from the kernel on every call or recycled
+# heap memory, depending on glibc's dynamic mmap threshold, i.e. on what the process happened
+# to allocate and free before. Measured on the 2-vCPU VM (ResNet-20, batch 32, dense): the
+# same code ran at 0.49 or 0.64 ms per sample depending on the warm-up's allocations; with the
+# page faults, the ~1 ms of Python between two convs outlasted the spinning worker's idle spin
+# limit, so it parked and missed jobs. Kept buffers are capped at BIG_BUFFERS_MAX_BYTES per
+# thread; beyond that, calls allocate as before.
+BIG_BUFFERS_MAX_BYTES = 256 << 20
+
+
+class _BigBuffers(threading.local):
+    def __init__(self):
+        self.free: dict[tuple, list[np.ndarray]] = {}
+        self.bytes = 0
+
+    def take(self, shape: tuple, zeroed: bool, pad: tuple) -> np.ndarray:
+        """A (shape) buffer nobody else holds; zeroed ones (padded inputs, keyed by their
+        padding too) keep the zero border they were created with."""
+        key = (shape, zeroed, pad)
+        kept = self.free.get(key)
+        if kept is not None:
+            for buf in kept:
+                if sys.getrefcount(buf) == 3:  # the list, `buf`, getrefcount's argument
+                    return buf
+        buf = np.zeros(shape, dtype=_F32) if zeroed else np.empty(shape, dtype=_F32)
+        if self.bytes + buf.nbytes <= BIG_BUFFERS_MAX_BYTES:
+            self.free.setdefault(key, []).append(buf)
+            self.bytes += buf.nbytes
+        return buf
+
+
+_BIG = _BigBuffers()
 
 
 # Bytes of im2col columns per sgemm call: the M axis (output pixels) is cut in blocks so the

@@ -803,14 +803,42 @@ def test_reused_padded_input_keeps_a_zero_border():
             np.testing.assert_array_equal(run(x), want)
 
 
-def test_big_buffers_are_not_kept(monkeypatch):
+def test_big_buffers_come_from_the_shared_set(monkeypatch):
+    """Above REUSE_MAX_BYTES a conv keeps nothing of its own: buffers come from the thread's
+    _BigBuffers, shared by every conv, handed out again only once nothing else holds them."""
     monkeypatch.setattr(K, "REUSE_MAX_BYTES", 1024)
+    monkeypatch.setattr(K, "_BIG", K._BigBuffers())
     run, xs, fresh = _reuse_conv(seed=5)
-    address = run(xs[0]).ctypes.data
-    got = run(xs[1])
+    other, other_xs, fresh_other = _reuse_conv(seed=7)  # another conv of the same shapes
+    held = run(xs[0])
+    got = run(xs[1])  # `held` is alive: another buffer
+    assert got.ctypes.data != held.ctypes.data
+    np.testing.assert_array_equal(held, fresh[0])
     np.testing.assert_array_equal(got, fresh[1])
+    address = got.ctypes.data
+    del got
+    shared = other(other_xs[2])  # the other conv gets the freed output buffer
+    assert shared.ctypes.data == address
+    np.testing.assert_array_equal(shared, fresh_other[2])
+    np.testing.assert_array_equal(held, fresh[0])
     slot_bufs = [c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, K._Reused)]
-    assert slot_bufs and all(s.buf is None for s in slot_bufs), address
+    assert slot_bufs and all(s.buf is None for s in slot_bufs)
+    # padded inputs are kept apart from outputs (their border must stay zero) and by padding
+    keys = set(K._BIG.free)
+    assert {(k[1], k[2]) for k in keys} == {(False, ()), (True, (1, 1))}
+    for _ in range(3):  # outputs and padded inputs cycling through the shared buffers
+        for x, want in zip(xs, fresh):
+            np.testing.assert_array_equal(run(x), want)
+
+
+def test_big_buffers_beyond_the_cap_are_not_kept(monkeypatch):
+    monkeypatch.setattr(K, "REUSE_MAX_BYTES", 1024)
+    monkeypatch.setattr(K, "BIG_BUFFERS_MAX_BYTES", 1024)
+    monkeypatch.setattr(K, "_BIG", K._BigBuffers())
+    run, xs, fresh = _reuse_conv(seed=8)
+    for x, want in zip(xs, fresh):
+        np.testing.assert_array_equal(run(x), want)
+    assert K._BIG.bytes == 0 and not any(K._BIG.free.values())
 
 
 def test_threads_sharing_one_conv_keep_their_own_buffers():

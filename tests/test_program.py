@@ -66,7 +66,7 @@ def test_every_value_equals_the_step_lists(models, name):
         got = prog.run_all_exits(x)
         env = steps._env(x)
         for s in range(len(m.spec.sections)):
-            steps.run_section(s, env)
+            steps.run_section(s, env, keep_values=True)
         layout, arena = prog._layout, prog._arena
         compared = 0
         for v in layout.offset:
@@ -195,3 +195,21 @@ def test_batches_other_than_one_use_the_step_lists(models):
     for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
         np.testing.assert_array_equal(a, b)
     assert prog._arena is None
+
+
+def test_step_lists_drop_each_value_after_its_last_reader(models):
+    """Without keep_values, env keeps only what later sections and the caller read: the input,
+    the exit's logits and the values live after the section (big batches hold their largest
+    live set, not every activation); the answers are the same."""
+    m = models["resnet20_1x28"]
+    _, steps = _executors(m)
+    x = _nhwc(np.random.default_rng(9).standard_normal((3, *m.input_shape), dtype=np.float32))
+    kept, full = steps._env(x), steps._env(x)
+    for s in range(len(m.spec.sections)):
+        steps.run_section(s, kept)
+        steps.run_section(s, full, keep_values=True)
+        held = {v for v, a in enumerate(kept) if a is not None}
+        want = {0, m.spec.exits[s].logits} | set(steps._live_after[s])
+        want |= {v for t in range(s) for v in [m.spec.exits[t].logits]}  # earlier exits' logits
+        assert held == want, (s, sorted(held ^ want))
+        np.testing.assert_array_equal(kept[m.spec.exits[s].logits], full[m.spec.exits[s].logits])
