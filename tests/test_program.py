@@ -12,11 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import escepe_rt
-from compiler.export import export
-from compiler.models import build_model
 from escepe_rt import parallel, program
 from escepe_rt.executor import Executor
 
@@ -28,6 +25,12 @@ def _nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def _zoo(name: str, shape: tuple, tmp_path, **kw) -> escepe_rt.Model:
+    """A zoo model with random weights, compiled here (needs torch: skipped on the torch-free
+    arm64 check, tools/arm64-check.sh, which runs the Fashion cases)."""
+    torch = pytest.importorskip("torch")
+    from compiler.export import export
+    from compiler.models import build_model
+
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, in_channels=shape[0], **kw).eval()
     path = tmp_path / f"{name}.escepe"
@@ -35,14 +38,32 @@ def _zoo(name: str, shape: tuple, tmp_path, **kw) -> escepe_rt.Model:
     return escepe_rt.load(path)
 
 
+ZOO = {
+    "resnet18_3x32": ("resnet18", (3, 32, 32), {"width": 16}),
+    "resnet20_1x28": ("resnet20", (1, 28, 28), {"width": 8}),
+}
+
+
+class _Models(dict):
+    """The shipped Fashion model and zoo models, each built on first use."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, name):
+        if name == "fashion":
+            m = escepe_rt.load(FASHION)
+        else:
+            arch, shape, kw = ZOO[name]
+            m = _zoo(arch, shape, self.tmp_path_factory.mktemp("zoo"), **kw)
+        self[name] = m
+        return m
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("zoo")
-    return {
-        "fashion": escepe_rt.load(FASHION),
-        "resnet18_3x32": _zoo("resnet18", (3, 32, 32), tmp, width=16),
-        "resnet20_1x28": _zoo("resnet20", (1, 28, 28), tmp, width=8),
-    }
+    return _Models(tmp_path_factory)
 
 
 NAMES = ["fashion", "resnet18_3x32", "resnet20_1x28"]
