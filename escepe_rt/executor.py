@@ -88,16 +88,24 @@ class Executor:
             )
             for n in spec.nodes
         )
-        # Batch 1 runs each section as one nogil program over a preallocated arena where the
-        # model allows it (escepe_rt/program.py); the step lists stay for bigger batches, for
-        # a concurrent batch-1 call while another holds the arena, and for fuse=False.
+        # Batches of up to PROGRAM_MAX_BATCH samples run each section as one nogil program
+        # over a preallocated arena where the model allows it (escepe_rt/program.py); the step
+        # lists stay for bigger batches, for a call while another holds the arena, and for
+        # fuse=False.
         if not (fuse and programs):
             self.program_unavailable = "fuse=False" if programs else "programs=False"
         else:
             self.program_unavailable = program.eligible(spec)
-        self._layout = program.Layout(spec) if self.program_unavailable is None else None
+        self._layout = None
+        if self.program_unavailable is None:
+            steps = [self._steps(s) for s in range(len(spec.sections))]
+            self._layout = program.Layout(spec, steps, [e.logits for e in spec.exits])
+        # with more than two threads, big batches cut their convs for escepe_rt.parallel's pool,
+        # which a program cannot call
+        self._program_max_batch = PROGRAM_MAX_BATCH if parallel.POOL.threads <= 2 else 1
         self._programs: dict[tuple[int, bool], program.Program] = {}
         self._arena: np.ndarray | None = None
+        self._arena_views: dict | None = None
         self._arena_lock = threading.Lock()
         if decode_mode == "eager":
             for s in range(len(spec.sections)):
@@ -191,21 +199,33 @@ class Executor:
 
     def _build_plan(self, s: int, params: dict) -> list:
         """[(kernel, input value ids, output value id, node index)] for section s."""
+        plan = []
+        for ins, out, i in self._steps(s):
+            node = self.spec.nodes[i]
+            if i in self._fused:
+                add = self.spec.nodes[self._fused[i][0]]
+                plan.append((_conv_step(node, params[i], add.activation), ins, out, i))
+            else:
+                plan.append((_node_step(node, params[i]), ins, out, i))
+        return plan
+
+    def _steps(self, s: int) -> list[tuple[tuple, int, int]]:
+        """Section s's steps as (input value ids, output value id, node index): every node but
+        the residual adds folded into a conv, whose step reads (conv input, other) and writes
+        the add's output. Needs no weights (the batch-1 arena is planned from it)."""
         begin, end = self.spec.sections[s]
         skip = {j for j, _ in self._fused.values()}
-        plan = []
+        steps = []
         for i in range(begin, end):
             if i in skip:
                 continue
             node = self.spec.nodes[i]
             if i in self._fused:
                 j, other = self._fused[i]
-                add = self.spec.nodes[j]
-                fn = _conv_step(node, params[i], add.activation)
-                plan.append((fn, (node.inputs[0], other), add.output, i))
+                steps.append(((node.inputs[0], other), self.spec.nodes[j].output, i))
             else:
-                plan.append((_node_step(node, params[i]), node.inputs, node.output, i))
-        return plan
+                steps.append((tuple(node.inputs), node.output, i))
+        return steps
 
     # ------------------------------------------------------------------ graph
     def _live_values(self) -> list[set[int]]:
@@ -280,50 +300,79 @@ class Executor:
         return parallel.POOL.blas_single_threaded()
 
     def warm(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> None:
-        """Run x through every path a call of its batch size can take (Model.warmup): at batch
-        1 the programs and the step lists (which a call takes while another holds the arena)."""
+        """Run x through every path a call of its batch size can take (Model.warmup): the
+        programs where they apply, and the step lists (which a call takes while another holds
+        the arena)."""
         self.run_all_exits(x_nhwc)
         self.predict(x_nhwc, thresholds, policy)
-        if x_nhwc.shape[0] == 1 and self._layout is not None:
-            with self._threading_for(1):
+        if self._claim_arena(x_nhwc) is not None:  # the step lists too, at this batch size
+            self._arena_lock.release()
+            with self._threading_for(x_nhwc.shape[0]):
                 self._run_all_exits(x_nhwc)
                 self._predict(x_nhwc, thresholds, policy)
 
-    # ------------------------------------------------------------------ batch-1 programs
+    # ------------------------------------------------------------------ programs
     def _claim_arena(self, x_nhwc: np.ndarray) -> np.ndarray | None:
-        """The arena holding x (batch 1) with its lock held, or None: the step lists run (no
-        program for this model, another batch size, or another thread holds the arena)."""
-        if self._layout is None or x_nhwc.shape[0] != 1:
+        """The arena holding x with its lock held, or None: the step lists run (no program for
+        this model, a batch above the programs' limit, or another thread holds the arena). The
+        arena grows to the biggest batch seen and is kept."""
+        n = x_nhwc.shape[0]
+        if self._layout is None or not 1 <= n <= self._program_max_batch:
             return None
         if not self._arena_lock.acquire(blocking=False):
             return None
-        if self._arena is None:
-            self._arena = self._layout.arena()
-            self._arena_input = self._layout.view(self._arena, 0)
-        self._arena_input[...] = x_nhwc[0]  # inside its zero border
+        if self._arena is None or self._arena.size < n * self._layout.per_sample:
+            self._arena = self._arena_views = None  # released before a bigger one is allocated
+            self._arena = self._layout.arena(n)
+            self._arena_views = {}
+        views = self._views(n)
+        if 0 in self._layout.dirty:
+            views["input"][...] = 0.0  # its border: the memory holds other values later on
+        views["input interior"][...] = x_nhwc
         return self._arena
 
-    def _run_program(self, s: int, with_exit: bool, arena: np.ndarray) -> None:
+    def _views(self, n: int) -> dict:
+        """Views of the arena for a batch of n (the input, every exit's logits), made once."""
+        views = self._arena_views.get(n)
+        if views is None:
+            arena, layout = self._arena, self._layout
+            views = {
+                "input": layout.whole(arena, 0, n),
+                "input interior": layout.view(arena, 0, n),
+                "logits": [layout.view(arena, e.logits, n) for e in self.spec.exits],
+            }
+            self._arena_views[n] = views
+        return views
+
+    def _run_program(self, s: int, with_exit: bool, arena: np.ndarray, n: int) -> None:
         prog = self._programs.get((s, with_exit))
         if prog is None:
             plan = self._section_plan(s) if with_exit else self._body_plan(s)
             prog = program.build(self.spec, self._layout, plan, self._params[s], self._fused)
             self._programs[(s, with_exit)] = prog
-        program.execute(prog, arena)
+        program.execute(prog, arena, n, arena.size // self._layout.per_sample)
 
-    def _logits_in(self, arena: np.ndarray, s: int) -> np.ndarray:
-        """Exit s's logits (1, K): a view of the arena (valid until the next program runs)."""
-        return self._layout.view(arena, self.spec.exits[s].logits)[None]
+    def _logits_in(self, arena: np.ndarray, s: int, n: int) -> np.ndarray:
+        """Exit s's logits (n, K): a view of the arena (valid until the next program runs)."""
+        return self._views(n)["logits"][s]
+
+    def _keep_rows(self, arena: np.ndarray, s: int, n: int, keep: np.ndarray) -> None:
+        """Move the rows in `keep` of every value live after section s to the front (in place:
+        each value's samples are contiguous in the arena, borders included)."""
+        for v in self._live_after[s]:
+            whole = self._layout.whole(arena, v, n)
+            whole[: int(keep.sum())] = whole[keep]
 
     # ------------------------------------------------------------------ running
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
         arena = self._claim_arena(x_nhwc)
         if arena is not None:
             try:
+                n = x_nhwc.shape[0]
                 out = []
                 for s in range(len(self.spec.exits)):
-                    self._run_program(s, True, arena)
-                    out.append(self._logits_in(arena, s).copy())
+                    self._run_program(s, True, arena, n)
+                    out.append(self._logits_in(arena, s, n).copy())
                 return out
             finally:
                 self._arena_lock.release()
@@ -342,26 +391,60 @@ class Executor:
         arena = self._claim_arena(x_nhwc)
         if arena is not None:
             try:
-                return self._predict_one(arena, thresholds, policy)
+                if x_nhwc.shape[0] == 1:
+                    return self._predict_one(arena, thresholds, policy)
+                return self._predict_arena(arena, x_nhwc.shape[0], thresholds, policy)
             finally:
                 self._arena_lock.release()
         with self._threading_for(x_nhwc.shape[0]):
             return self._predict(x_nhwc, thresholds, policy)
 
     def _predict_one(self, arena: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
-        """_predict for one sample held in the arena, section by section as programs."""
+        """_predict_arena for one sample, without the row bookkeeping (~10 us of numpy calls,
+        a tenth of a small model's first exit)."""
         last = len(self.spec.exits) - 1
         for s in range(last + 1):
             if s != last and not thresholds[s] <= 1.0:  # nobody leaves at s (see _predict)
-                self._run_program(s, False, arena)
+                self._run_program(s, False, arena, 1)
                 continue
-            self._run_program(s, True, arena)
-            logits = self._logits_in(arena, s)
+            self._run_program(s, True, arena, 1)
+            logits = self._logits_in(arena, s, 1)
             conf = confidence(logits, policy)
             if s == last or conf[0] >= thresholds[s]:
                 labels = np.argmax(logits, axis=1)
                 return Prediction(labels, np.full(1, s, np.int64), conf, logits.copy())
         raise AssertionError("the last exit answers every sample")
+
+    def _predict_arena(
+        self, arena: np.ndarray, n: int, thresholds: list[float], policy: int
+    ) -> Prediction:
+        """_predict on the n samples held in the arena, section by section as programs."""
+        k = self.spec.values[self.spec.exits[0].logits].shape[0]
+        labels = np.empty(n, np.int64)
+        exit_index = np.empty(n, np.int64)
+        conf_out = np.empty(n, np.float32)
+        logits_out = np.empty((n, k), np.float32)
+        active = np.arange(n)  # rows of the original batch still running
+        last = len(self.spec.exits) - 1
+        for s in range(last + 1):
+            if s != last and not thresholds[s] <= 1.0:  # nobody leaves at s (see _predict)
+                self._run_program(s, False, arena, len(active))
+                continue
+            self._run_program(s, True, arena, len(active))
+            logits = self._logits_in(arena, s, len(active))
+            conf = confidence(logits, policy)
+            done = np.ones(len(active), bool) if s == last else conf >= thresholds[s]
+            rows = active[done]
+            labels[rows] = np.argmax(logits[done], axis=1)
+            exit_index[rows] = s
+            conf_out[rows] = conf[done]
+            logits_out[rows] = logits[done]
+            if done.all():
+                break
+            keep = ~done
+            self._keep_rows(arena, s, len(active), keep)
+            active = active[keep]
+        return Prediction(labels, exit_index, conf_out, logits_out)
 
     def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
         n = x_nhwc.shape[0]
@@ -525,3 +608,7 @@ def _act(y: np.ndarray, act: int) -> np.ndarray:
 # kernels.PARALLEL_MIN_MACS); larger ones use the runtime's own chunked threads
 # (escepe_rt.parallel). Only batch 1 and 32 were measured (see Pool.blas_threaded).
 OWN_THREADS_MIN_BATCH = 2
+# Batches up to this size run as section programs (escepe_rt/program.py) on models that allow
+# them; the arena grows to the biggest such batch (ResNet-18 width 64 at 32: ~MB, measured in
+# benchmarks/memory.py).
+PROGRAM_MAX_BATCH = 64

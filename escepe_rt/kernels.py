@@ -898,8 +898,9 @@ def linear(x: np.ndarray, w_prepared, scale, shift, activation: int) -> np.ndarr
     sc, has_sc = _vec(scale, o, "scale")
     sf, has_sf = _vec(shift, o, "shift")
     out = np.empty((x.shape[0], o), dtype=_F32)
-    if x.shape[0] == 1:  # one summation order for every batch-1 path (section programs too)
-        _linear1(x[0], w, sc, sf, has_sc, has_sf, act, out[0])
+    if x.shape[0] == 1 or w.size <= LINEAR_LOOP_MAX:
+        # one summation order for every batch size and for the section programs
+        _linear_rows(x, w, sc, sf, has_sc, has_sf, act, out)
         return out
     np.dot(x, w, out=out)
     if has_sc or has_sf or act != ACT_NONE:
@@ -907,11 +908,23 @@ def linear(x: np.ndarray, w_prepared, scale, shift, activation: int) -> np.ndarr
     return out
 
 
+# Linear layers with at most this many weights run as numba loops, one sample at a time, at
+# every batch size (exit heads: 128 x 10); bigger ones use numpy's BLAS from batch 2 on.
+LINEAR_LOOP_MAX = 1 << 16
+
+
+@_jit
+def _linear_rows(x, w, sc, sf, has_sc, has_sf, act, out):
+    for r in range(x.shape[0]):
+        _linear1(x[r], w, sc, sf, has_sc, has_sf, act, out[r])
+
+
 @_jit
 def _linear1(x, w, sc, sf, has_sc, has_sf, act, out):
-    """One sample: out = act(x @ w * scale + shift), x (I,), w (I, O) row-major. At batch 1
-    both the step lists and the section programs (escepe_rt/program.py) use this loop, so a
-    sample's logits do not depend on which of them ran it (numpy's BLAS sums in another order)."""
+    """One sample: out = act(x @ w * scale + shift), x (I,), w (I, O) row-major. Both the step
+    lists and the section programs (escepe_rt/program.py) use this loop, so a sample's logits do
+    not depend on which of them ran it, nor on the batch size (numpy's BLAS sums in another
+    order, and a different one for one row and for many)."""
     n_in, n_out = w.shape
     acc = np.zeros(n_out, dtype=np.float32)
     for i in range(n_in):

@@ -306,7 +306,8 @@ def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total,
     conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
 
 
-def split(blocks: int, pixels: int, chunks: int) -> tuple[bool, int, int]:
+@_jit
+def split(blocks, pixels, chunks):
     """(by_blocks, step, n): about `chunks` chunks of a conv for conv_chunk: channel blocks when
     there are enough of them (or too few pixels to share), else runs of whole 8-pixel tiles."""
     if blocks >= chunks or pixels < 8 * chunks:

@@ -1,22 +1,27 @@
-"""A section at batch 1 as one nogil call: the executor's step list compiled into a program.
+"""Sections as single nogil calls: the executor's step lists compiled into programs.
 
 Why: at batch 1 a small model's ops take a few microseconds each, and every step of the
 executor's plan paid ~3 us of Python around its kernel (argument checks, numba's dispatch of a
 dozen arguments, the spinning worker's slot, a numpy padding copy). The Fashion-MNIST model's
-first exit is 13 steps, so that was a quarter of its time. Here a section's steps become rows of
-an int64 instruction array over one float32 arena that holds every value of the model at batch 1,
-each map inside a zero border as wide as the widest conv padding (so convs read their input in
-place and write straight into the next conv's padded input: no padding copies); `run` walks the
-rows in one numba call. Convs run on the same direct kernels with the same chunks as
-kernels._conv_direct (big ones shared with the spinning worker through spinpool._run_job), the
-pool and head kernels and the linear loop are the step list's, so a program's values equal the
-step list's bit for bit (which of the two runs a batch-1 call depends on contention for the
-arena).
+first exit is 13 steps, so that was a quarter of its time. At batch 32 the per-conv padding
+copies and freshly allocated activations cost ~10% of ResNet-18. Here a section's steps become
+rows of an int64 instruction array over one float32 arena; `run` walks the rows in one numba
+call for a batch of n <= the arena's capacity samples.
+
+The arena is planned once per model like TFLite's: every value gets a fixed place for the whole
+forward pass, and values whose lifetimes do not overlap share memory (greedy by size), so the
+arena holds about the model's largest live set. Each map sits inside a zero border as wide as
+the widest conv padding, so convs read their input in place and write straight into the next
+conv's padded input (no padding copies). Convs run on the same direct kernels with the same
+chunks as kernels._conv_direct (big ones shared with the spinning worker through
+spinpool._run_job), and the pool, head and linear loops are the step lists', so a program's
+values equal the step lists' bit for bit (which of the two runs a call depends on the batch
+size and on contention for the arena).
 
 Programs cover models whose every node is an ungrouped conv on the direct kernels, ADD,
-ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or LINEAR, on at most two
-threads (more threads cut big convs for escepe_rt.parallel's pool, which a nogil program cannot
-call); `eligible` says why not otherwise, and the executor keeps the step list then.
+ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or a small LINEAR, on at most
+two threads (more threads cut big convs for escepe_rt.parallel's pool, which a nogil program
+cannot call); `eligible` says why not otherwise, and the executor keeps the step lists then.
 ESCEPE_PROGRAMS=0 switches them off.
 """
 
@@ -27,6 +32,10 @@ import os
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from escepe_rt import kernels, microkernel, parallel, spinpool
 from escepe_rt._fbs.OpCode import OpCode
@@ -42,7 +51,7 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 def eligible(spec) -> str | None:
-    """None if every section of `spec` can run as a program at batch 1, else the reason."""
+    """None if every section of `spec` can run as a program, else the reason."""
     if not ENABLED:
         return "ESCEPE_PROGRAMS=0"
     values = spec.values
@@ -72,6 +81,8 @@ def eligible(spec) -> str | None:
         elif op == OpCode.LINEAR:
             if len(shape_in) != 1:
                 return f"node {i}: linear on a non-flat value"
+            if shape_in[0] * values[node.output].shape[0] > kernels.LINEAR_LOOP_MAX:
+                return f"node {i}: linear too big for the program's loop (BLAS runs it)"
         else:
             return f"node {i}: op {op} has no program instruction"
         if op in (OpCode.ADAPTIVE_AVG_POOL2D, OpCode.FLATTEN) and node.activation:
@@ -102,65 +113,115 @@ def borders(spec) -> dict[int, int]:
 
 
 class Layout:
-    """Arena offsets (in floats) of every value at batch 1: a map (C, H, W) as NHWC (1, H + 2b,
-    W + 2b, C) with a zero border of b = border[value] pixels; FLATTEN of a 1x1 map is its
-    input (the NCHW flatten of a 1x1 NHWC map is the same floats)."""
+    """Where each value lives in the arena. Offsets and sizes are in floats per sample: value v
+    of a batch of n <= cap samples occupies floats [offset[v] * cap, offset[v] * cap + n *
+    size[v]) of an arena of `per_sample * cap` floats, sample by sample, a map (C, H, W) as
+    NHWC (H + 2b, W + 2b, C) with a zero border of b = border[v] pixels. Values that are never
+    alive at the same time share memory. FLATTEN of a 1x1 map is its input (the NCHW flatten of
+    a 1x1 NHWC map is the same floats).
 
-    def __init__(self, spec):
+    steps: per section, the executor's (input values, output value, node) steps, exit head
+    included; exits: per section, the value holding its logits (read after the section);
+    share=False gives every value memory of its own (tests compare every value after a pass)."""
+
+    def __init__(self, spec, steps: list[list[tuple]], exits: list[int], share: bool = True):
         self.spec = spec
         self.border = borders(spec)
-        self.size = 0
-        self.offset: dict[int, int] = {0: self._alloc(self.floats(0))}
+        alias = {}
         for node in spec.nodes:
             if node.op == OpCode.FLATTEN:
-                self.offset[node.output] = self.offset[node.inputs[0]]
-            else:
-                self.offset[node.output] = self._alloc(self.floats(node.output))
+                alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
+        # lifetimes in steps: the input from before the first; an exit's logits to the end of
+        # its section (the caller reads them between programs)
+        first, last = {0: -1}, {0: -1}
+        t = 0
+        for s, section in enumerate(steps):
+            for ins, out, _ in section:
+                for v in ins:
+                    v = alias.get(v, v)
+                    last[v] = max(last[v], t)
+                out = alias.get(out, out)
+                first.setdefault(out, t)
+                last[out] = max(last.get(out, t), t)
+                t += 1
+            logits = alias.get(exits[s], exits[s])
+            last[logits] = max(last[logits], t - 1)
+        self.size = {v: -(-math.prod(self.dims(v)) // ALIGN) * ALIGN for v in first}
+        self.lifetime = {v: (first[v], last[v]) for v in first}
+        if not share:
+            last = dict.fromkeys(first, t)
+            first = dict.fromkeys(first, -1)
+        self.offset: dict[int, int] = {}
+        placed: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
+        for v in sorted(first, key=lambda v: (-self.size[v], first[v])):  # greedy by size
+            at = 0
+            alive_with_v = (p[:2] for p in placed if p[2] <= last[v] and first[v] <= p[3])
+            for o, size in sorted(alive_with_v):  # the lowest gap that fits
+                if at + self.size[v] <= o:
+                    break
+                at = max(at, o + size)
+            self.offset[v] = at
+            placed.append((at, self.size[v], first[v], last[v]))
+        # maps whose border a value of another layout may have written (the pass repeats, so
+        # any overlap counts): their producing conv zeroes the border first. A map sharing
+        # memory only with maps of its own layout at its own offset keeps a zero border.
+        layout_of = {v: (self.offset[v], self.dims(v), self.border[v]) for v in first}
+        self.dirty = {
+            v
+            for v in first
+            if self.border[v]
+            and any(
+                layout_of[u] != layout_of[v]
+                and self.offset[u] < self.offset[v] + self.size[v]
+                and self.offset[v] < self.offset[u] + self.size[u]
+                for u in first
+                if u != v
+            )
+        }
+        for v, root in alias.items():
+            self.offset[v], self.size[v] = self.offset[root], self.size[root]
+        self.per_sample = max((o + self.size[v] for v, o in self.offset.items()), default=0)
 
     def dims(self, v: int) -> tuple[int, ...]:
-        """(H + 2b, W + 2b, C) of a map, (K,) of a flat value."""
+        """(H + 2b, W + 2b, C) of a map, (K,) of a flat value: one sample."""
         shape, b = self.spec.values[v].shape, self.border[v]
         if len(shape) == 3:
             c, h, w = shape
             return (h + 2 * b, w + 2 * b, c)
         return tuple(shape)
 
-    def floats(self, v: int) -> int:
-        return math.prod(self.dims(v))
+    def whole(self, arena: np.ndarray, v: int, n: int) -> np.ndarray:
+        """Value v of n samples in an arena, border included: (n, *dims)."""
+        cap = arena.size // max(self.per_sample, 1)
+        at, dims = self.offset[v] * cap, self.dims(v)
+        samples = arena[at : at + n * self.size[v]].reshape(n, self.size[v])
+        return samples[:, : math.prod(dims)].reshape(n, *dims)  # a view: numpy splits rows
 
-    def view(self, arena: np.ndarray, v: int) -> np.ndarray:
-        """The value v inside the arena, without its border: (H, W, C) or (K,)."""
-        at, dims, b = self.offset[v], self.dims(v), self.border[v]
-        whole = arena[at : at + math.prod(dims)].reshape(dims)
-        return whole[b : dims[0] - b, b : dims[1] - b] if len(dims) == 3 else whole
+    def view(self, arena: np.ndarray, v: int, n: int = 1) -> np.ndarray:
+        """Value v of n samples without its border: (n, H, W, C) or (n, K)."""
+        whole, b = self.whole(arena, v, n), self.border[v]
+        return whole[:, b : whole.shape[1] - b, b : whole.shape[2] - b] if b else whole
 
-    def _alloc(self, floats: int) -> int:
-        at = self.size
-        self.size += -(-floats // ALIGN) * ALIGN
-        return at
-
-    def arena(self) -> np.ndarray:
-        """A zeroed arena. Borders stay zero: convs write only the interior of their output and
-        spill into the border only act(0 + 0), ADD and activation map zeros to zeros."""
-        return np.zeros(self.size, dtype=np.float32)
+    def arena(self, cap: int) -> np.ndarray:
+        """An arena for batches of up to `cap` samples."""
+        return np.zeros(max(self.per_sample, 1) * cap, dtype=np.float32)
 
 
 class Program:
-    """One section's instructions; `keep` holds the arrays whose addresses the code names;
-    `shares`: whether any conv is cut into chunks for the spinning worker."""
+    """One section's instructions; `keep` holds the arrays whose addresses the code names."""
 
     def __init__(self, code: np.ndarray, keep: list):
         self.code, self.keep = code, keep
-        self.shares = bool(np.any((code[:, 0] == OP_CONV) & (code[:, _CHUNKS] > 1)))
-
-
-_CHUNKS = 26  # the word of a conv row holding its chunk count
 
 
 def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Program:
-    """The program of a step list (Executor._section_plan or _body_plan): one row per step."""
+    """The program of a step list (Executor._section_plan or _body_plan): one row per step.
+    Offsets and sizes are per sample; `run` scales them by the arena's capacity and the
+    batch."""
     rows, keep = [], []
-    off, border = layout.offset, layout.border
+    off, border, size = layout.offset, layout.border, layout.size
+    # below this many multiply-adds (per call) a conv runs on the caller alone
+    pair_min = kernels.PAIR_MIN_MACS if parallel.POOL.threads > 1 else 1 << 62
 
     def row(*words):
         r = np.zeros(WORDS, dtype=np.int64)
@@ -185,29 +246,23 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
             epi = kernels._direct_epilogue(sc, sf, has_sc, has_sf, cout)
             panels = weight.panels
             keep += [panels, epi]
-            blocks = panels.shape[0]
-            pixels = (hq - 2 * border[out]) * (wq - 2 * border[out])
-            macs = pixels * cout * weight.kh * weight.kw * c
-            if parallel.POOL.threads == 1 or macs < kernels.PAIR_MIN_MACS:
-                by_blocks, step, chunks = True, blocks, 1
-            else:
-                by_blocks, step, chunks = microkernel.split(blocks, pixels, 4)
             res = off[ins[1]] if len(ins) > 1 else -1
+            pixels = (hq - 2 * border[out]) * (wq - 2 * border[out])  # per sample
+            macs = pixels * cout * weight.kh * weight.kw * c
             row(
                 OP_CONV, off[ins[0]], hp, wp, c, off[out], hq, wq, cout, res,
-                spinpool.address_of(panels), blocks, panels.shape[1], panels.shape[2],
+                spinpool.address_of(panels), panels.shape[0], panels.shape[1], panels.shape[2],
                 spinpool.address_of(epi), epi.shape[0], act,
                 weight.kh, weight.kw, sh, sw, dh, origin, border[out],
-                int(by_blocks), step, chunks, pixels,
+                size[ins[0]], size[out], macs, pair_min, int(out in layout.dirty),
             )  # fmt: skip
         elif op == OpCode.ADD:
-            size = layout.floats(out)
-            row(OP_ADD, off[ins[0]], off[ins[1]], off[out], size, node.activation)
+            row(OP_ADD, off[ins[0]], off[ins[1]], off[out], size[out], node.activation)
         elif op == OpCode.ACTIVATION:
-            row(OP_ACT, off[ins[0]], off[out], layout.floats(out), node.activation)
+            row(OP_ACT, off[ins[0]], off[out], size[out], node.activation)
         elif op == OpCode.ADAPTIVE_AVG_POOL2D:
             hp, wp, c = layout.dims(ins[0])
-            row(OP_GAP, off[ins[0]], hp, wp, c, off[out], border[ins[0]])
+            row(OP_GAP, off[ins[0]], hp, wp, c, off[out], border[ins[0]], size[ins[0]], size[out])
         elif op == OpCode.LINEAR:
             p = params[i]
             w = p["weight"]  # (I, O)
@@ -222,19 +277,20 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
             row(
                 OP_LINEAR, off[ins[0]], n_in, off[out], n_out, spinpool.address_of(w),
                 spinpool.address_of(sc), int(has_sc), spinpool.address_of(sf), int(has_sf),
-                node.activation,
+                node.activation, size[ins[0]], size[out],
             )  # fmt: skip
         # FLATTEN: no instruction (Layout aliases its output to its input)
     code = np.stack(rows) if rows else np.zeros((0, WORDS), dtype=np.int64)
     return Program(code, keep)
 
 
-def execute(program: Program, arena: np.ndarray) -> None:
-    """Run a program on the arena, sharing big convs with the spinning worker when it is free."""
-    if program.shares:
-        spinpool.PAIR.run_sequence(run, program.code, arena)
+def execute(program: Program, arena: np.ndarray, n: int, cap: int) -> None:
+    """Run a program on n samples of an arena of capacity cap, sharing big convs with the
+    spinning worker when it is free."""
+    if parallel.POOL.threads > 1:
+        spinpool.PAIR.run_sequence(run, program.code, arena, n, cap)
     else:
-        run(_UNSHARED, 0, False, program.code, arena)
+        run(_UNSHARED, 0, False, program.code, arena, n, cap)
 
 
 _UNSHARED = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # never read: no job is posted
@@ -251,67 +307,114 @@ def _at(base, offset):
 
 
 @_jit
-def run(ctrl, seq, shared, code, arena):
-    """Execute `code` on `arena`; conv jobs shared with the worker are numbered seq + 1, ...
-    (only when `shared`: the caller holds spinpool.PAIR's slot). Returns the last number used."""
+def run(ctrl, seq, shared, code, arena, n, cap):
+    """Execute `code` on n samples of `arena` (capacity cap); conv jobs shared with the worker
+    are numbered seq + 1, ... (only when `shared`: the caller holds spinpool.PAIR's slot).
+    Returns the last number used."""
     base = spinpool._address(arena)
     for k in range(code.shape[0]):
         ins = code[k]
         op = ins[0]
+        if shared:
+            spinpool.keep_alive(ctrl)
         if op == OP_CONV:
-            seq = _conv(ins, base, ctrl, seq, shared)
+            seq = _conv(ins, base, cap, n, ctrl, seq, shared)
         elif op == OP_GAP:
-            hp, wp, c = ins[2], ins[3], ins[4]
-            x = numba.carray(_at(base, ins[1]), (1, hp, wp, c))
-            out = numba.carray(_at(base, ins[5]), (1, 1, 1, c))
-            kernels._global_avg_pool(x, ins[6], out)
+            hp, wp, c, size_in, size_out = ins[2], ins[3], ins[4], ins[7], ins[8]
+            for i in range(n):  # one sample at a time: sizes are padded to whole lines
+                x = numba.carray(_at(base, ins[1] * cap + i * size_in), (1, hp, wp, c))
+                out = numba.carray(_at(base, ins[5] * cap + i * size_out), (1, 1, 1, c))
+                kernels._global_avg_pool(x, ins[6], out)
         elif op == OP_LINEAR:
-            _linear(ins, base)
+            _linear(ins, base, cap, n)
         elif op == OP_ADD:
-            n = ins[4]
-            a = numba.carray(_at(base, ins[1]), (n,))
-            b = numba.carray(_at(base, ins[2]), (n,))
-            kernels._add1d(a, b, numba.carray(_at(base, ins[3]), (n,)), ins[5])
+            m = n * ins[4]
+            a = numba.carray(_at(base, ins[1] * cap), (m,))
+            b = numba.carray(_at(base, ins[2] * cap), (m,))
+            kernels._add1d(a, b, numba.carray(_at(base, ins[3] * cap), (m,)), ins[5])
         elif op == OP_ACT:
-            n = ins[3]
-            x = numba.carray(_at(base, ins[1]), (n,))
-            kernels._activate1d(x, numba.carray(_at(base, ins[2]), (n,)), ins[4])
+            m = n * ins[3]
+            x = numba.carray(_at(base, ins[1] * cap), (m,))
+            kernels._activate1d(x, numba.carray(_at(base, ins[2] * cap), (m,)), ins[4])
     return seq
 
 
 @_jit
-def _conv(ins, base, ctrl, seq, shared):
+def _conv(ins, base, cap, n, ctrl, seq, shared):
     hp, wp, c, hq, wq, cout = ins[2], ins[3], ins[4], ins[6], ins[7], ins[8]
-    xp = numba.carray(_at(base, ins[1]), (1, hp, wp, c))
-    out = numba.carray(_at(base, ins[5]), (1, hq, wq, cout))
-    has_res = ins[9] >= 0
-    res = numba.carray(_at(base, ins[9] if has_res else ins[5]), (1, hq, wq, cout))
+    size_in, size_out, macs, pair_min = ins[24], ins[25], ins[26], ins[27]
+    # one sample's map fills its size exactly only when the padding to whole lines is zero;
+    # then the batch is one 4-D array, else the conv runs sample by sample
+    whole = size_in == hp * wp * c and size_out == hq * wq * cout
+    batch, per_call = (n, 1) if whole else (1, n)
+    out_at = ins[5] * cap
+    if ins[28]:  # the output's memory held another value's floats (Layout.dirty)
+        _zero_border(base, out_at, n, size_out, hq, wq, cout, ins[23])
     blocks = ins[11]
     w = numba.carray(spinpool._f32_ptr(ins[10]), (blocks, ins[12], ins[13]))
     epi = numba.carray(spinpool._f32_ptr(ins[14]), (ins[15],))
     act = ins[16]
     geom = (ins[17], ins[18], ins[19], ins[20], ins[21], ins[22], ins[23])
-    by_blocks, step, chunks, total = ins[24] != 0, ins[25], ins[_CHUNKS], ins[27]
-    if shared and chunks > 1:
-        seq += 1
-        spinpool._run_job(
-            ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, chunks
-        )
-    else:
-        first = total - total  # not a literal 0: conv_direct compiles once (see conv_chunk)
-        microkernel.conv_direct(
-            xp, w, out, res, has_res, epi, act, geom, first, blocks, first, total
-        )
+    has_res = ins[9] >= 0
+    res_at = ins[9] * cap if has_res else out_at
+    ho, wo = hq - 2 * ins[23], wq - 2 * ins[23]
+    total = batch * ho * wo
+    by_blocks, step, chunks = microkernel.split(blocks, total, 4)
+    share = shared and chunks > 1 and batch * macs >= pair_min
+    for i in range(per_call):
+        xp = numba.carray(_at(base, ins[1] * cap + i * size_in), (batch, hp, wp, c))
+        out = numba.carray(_at(base, out_at + i * size_out), (batch, hq, wq, cout))
+        res = numba.carray(_at(base, res_at + i * size_out), (batch, hq, wq, cout))
+        if share:
+            seq += 1
+            spinpool._run_job(
+                ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, chunks
+            )
+        else:
+            first = total - total  # not a literal 0: conv_direct compiles once (see conv_chunk)
+            microkernel.conv_direct(
+                xp, w, out, res, has_res, epi, act, geom, first, blocks, first, total
+            )
     return seq
 
 
+@intrinsic
+def _memset0(typingctx, addr, nbytes):
+    """Zero nbytes at an int64 address (numba's element loops, with their index wraparound
+    checks, took ~8 us for the border of a 30x30x16 map)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        cgutils.memset(builder, ptr, args[1], 0)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
 @_jit
-def _linear(ins, base):
-    """out = act(x @ w * scale + shift) for one sample (kernels._linear1: the step lists' loop)."""
-    n_in, n_out = ins[2], ins[4]
-    x = numba.carray(_at(base, ins[1]), (n_in,))
-    out = numba.carray(_at(base, ins[3]), (n_out,))
+def _zero_border(base, at, n, size, hq, wq, c, b):
+    """Zero the border of b pixels around each of n (hq, wq, c) maps (samples `size` floats
+    apart): the memory held another value earlier in the pass (Layout.dirty), and a conv writes
+    only the interior (its partial-panel spills into the border write act(0 + 0))."""
+    row = 4 * wq * c  # bytes
+    side = 4 * b * c
+    for i in range(n):
+        m = base + 4 * (at + i * size)
+        _memset0(m, b * row)  # top rows
+        _memset0(m + (hq - b) * row, b * row)  # bottom rows
+        for y in range(b, hq - b):  # left and right columns
+            _memset0(m + y * row, side)
+            _memset0(m + y * row + row - side, side)
+
+
+@_jit
+def _linear(ins, base, cap, n):
+    """out = act(x @ w * scale + shift) per sample (kernels._linear1: the step lists' loop)."""
+    n_in, n_out, size_in, size_out = ins[2], ins[4], ins[11], ins[12]
     w = numba.carray(spinpool._f32_ptr(ins[5]), (n_in, n_out))
     sc = numba.carray(spinpool._f32_ptr(ins[6]), (n_out,))
     sf = numba.carray(spinpool._f32_ptr(ins[8]), (n_out,))
-    kernels._linear1(x, w, sc, sf, ins[7] != 0, ins[9] != 0, ins[10], out)
+    for i in range(n):
+        x = numba.carray(_at(base, ins[1] * cap + i * size_in), (n_in,))
+        out = numba.carray(_at(base, ins[3] * cap + i * size_out), (n_out,))
+        kernels._linear1(x, w, sc, sf, ins[7] != 0, ins[9] != 0, ins[10], out)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import escepe_rt
-from escepe_rt import parallel, program
+from escepe_rt import parallel, program, spinpool
 from escepe_rt.executor import Executor
 
 FASHION = Path(__file__).resolve().parent.parent / "examples/fashion_resnet18.escepe"
@@ -69,8 +69,12 @@ def models(tmp_path_factory):
 NAMES = ["fashion", "resnet18_3x32", "resnet20_1x28"]
 
 
-def _executors(m):
+def _executors(m, share=True):
     with_programs = Executor(m.spec, m._buf, "lazy")
+    if not share:  # every value keeps its own memory: all of them can be compared after a pass
+        steps = [with_programs._steps(s) for s in range(len(m.spec.sections))]
+        exits = [e.logits for e in m.spec.exits]
+        with_programs._layout = program.Layout(m.spec, steps, exits, share=False)
     steps = Executor(m.spec, m._buf, "lazy", programs=False)
     assert with_programs.program_unavailable is None, with_programs.program_unavailable
     assert steps.program_unavailable == "programs=False"
@@ -80,10 +84,10 @@ def _executors(m):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_value_equals_the_step_lists(models, name):
     m = models[name]
-    prog, steps = _executors(m)
+    prog, steps = _executors(m, share=False)
     rng = np.random.default_rng(3)
-    for _ in range(3):  # a reused arena: values and zero borders of the last call must not leak
-        x = _nhwc(rng.standard_normal((1, *m.input_shape), dtype=np.float32))
+    for n in (1, 3, 2, 1):  # a reused arena: values and zero borders of the last call must not leak
+        x = _nhwc(rng.standard_normal((n, *m.input_shape), dtype=np.float32))
         got = prog.run_all_exits(x)
         env = steps._env(x)
         for s in range(len(m.spec.sections)):
@@ -93,18 +97,37 @@ def test_every_value_equals_the_step_lists(models, name):
         for v in layout.offset:
             if env[v] is None:  # a residual add folded into its conv has no value of its own
                 continue
-            np.testing.assert_array_equal(layout.view(arena, v), env[v][0])
+            np.testing.assert_array_equal(layout.view(arena, v, n), env[v])
             compared += 1
             b = layout.border[v]
             if b:  # the zero border that lets convs skip padding copies stays zero
-                at, dims = layout.offset[v], layout.dims(v)
-                whole = arena[at : at + np.prod(dims)].reshape(dims).copy()
-                whole[b:-b, b:-b] = 0.0
+                whole = layout.whole(arena, v, n).copy()
+                whole[:, b:-b, b:-b] = 0.0
                 assert not whole.any(), f"value {v}: its border was written"
         assert compared >= len(m.spec.nodes) - len(steps._fused)
         assert max(layout.border.values()) == 1  # 3x3 convs with padding 1
         for s, logits in enumerate(got):
             np.testing.assert_array_equal(logits, env[m.spec.exits[s].logits])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_values_alive_together_never_share_memory(models, name):
+    """The arena planner (greedy by size over lifetimes in steps): any two values whose
+    lifetimes overlap get disjoint floats, aliases (FLATTEN of a 1x1 map) aside; and sharing
+    makes the arena smaller than one place per value."""
+    m = models[name]
+    prog, _ = _executors(m)
+    layout = prog._layout
+    roots = {v for v in layout.offset if v in layout.lifetime}
+    for a in roots:
+        for b in roots:
+            if a >= b:
+                continue
+            (fa, la), (fb, lb) = layout.lifetime[a], layout.lifetime[b]
+            if fa <= lb and fb <= la:  # alive at the same time
+                oa, ob = layout.offset[a], layout.offset[b]
+                assert oa + layout.size[a] <= ob or ob + layout.size[b] <= oa, (a, b)
+    assert layout.per_sample < sum(layout.size[v] for v in roots)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,8 +138,8 @@ def test_predict_equals_the_step_lists(models, name, threshold):
     thresholds = [threshold] * (len(m.spec.exits) - 1) + [0.0]
     rng = np.random.default_rng(4)
     held = []
-    for _ in range(6):
-        x = _nhwc(rng.standard_normal((1, *m.input_shape), dtype=np.float32) * 2)
+    for n in (1, 1, 5, 1, 32, 3):
+        x = _nhwc(rng.standard_normal((n, *m.input_shape), dtype=np.float32) * 2)
         a = prog.predict(x, thresholds, m.policy)
         b = steps.predict(x, thresholds, m.policy)
         for f in ("labels", "exit_index", "confidence", "logits"):
@@ -137,8 +160,10 @@ def test_programs_ran_and_shared_convs_with_the_worker(models):
     assert set(built) == {(s, False) for s in range(last)} | {(last, True)}
     ops = np.concatenate([p.code[:, 0] for p in built.values()])
     assert {program.OP_CONV, program.OP_GAP, program.OP_LINEAR} <= set(ops)
-    if parallel.POOL.threads == 2:
-        assert built[(0, False)].shares  # the 28x28x16 3x3 convs are cut into chunks
+    if parallel.POOL.threads == 2:  # the 28x28x16 3x3 convs are shared with the worker
+        before = spinpool.PAIR._seq
+        prog.predict(x, [2.0] * len(m.spec.exits), m.policy)
+        assert spinpool.PAIR._seq >= before + 4
 
 
 def test_an_exit_head_nobody_leaves_at_is_not_in_the_body_program(models):
@@ -159,7 +184,10 @@ def test_single_thread_programs_share_nothing(models, monkeypatch):
     x = _nhwc(np.random.default_rng(5).standard_normal((1, *m.input_shape), dtype=np.float32))
     for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
         np.testing.assert_array_equal(a, b)
-    assert not any(p.shares for p in prog._programs.values())
+    before = spinpool.PAIR._seq
+    for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
+        np.testing.assert_array_equal(a, b)
+    assert spinpool.PAIR._seq == before  # no job was handed to the worker
 
 
 def test_a_held_arena_sends_the_call_to_the_step_lists(models):
@@ -209,13 +237,18 @@ def test_models_without_a_program_say_why(tmp_path, monkeypatch):
     assert "more than two threads" in Executor(big.spec, big._buf).program_unavailable
 
 
-def test_batches_other_than_one_use_the_step_lists(models):
+def test_arena_grows_to_the_biggest_batch_and_bigger_batches_use_the_step_lists(models):
+    from escepe_rt import executor
+
     m = models["fashion"]
     prog, steps = _executors(m)
-    x = _nhwc(np.random.default_rng(8).standard_normal((3, *m.input_shape), dtype=np.float32))
-    for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
-        np.testing.assert_array_equal(a, b)
-    assert prog._arena is None
+    rng = np.random.default_rng(8)
+    per_sample = prog._layout.per_sample
+    for n, cap in ((3, 3), (2, 3), (5, 5), (executor.PROGRAM_MAX_BATCH + 1, 5)):
+        x = _nhwc(rng.standard_normal((n, *m.input_shape), dtype=np.float32))
+        for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
+            np.testing.assert_array_equal(a, b)
+        assert prog._arena.size == cap * per_sample
 
 
 def test_step_lists_drop_each_value_after_its_last_reader(models):
@@ -234,3 +267,40 @@ def test_step_lists_drop_each_value_after_its_last_reader(models):
         want |= {v for t in range(s) for v in [m.spec.exits[t].logits]}  # earlier exits' logits
         assert held == want, (s, sorted(held ^ want))
         np.testing.assert_array_equal(kept[m.spec.exits[s].logits], full[m.spec.exits[s].logits])
+
+
+def test_the_worker_stays_for_a_programs_jobs(models, monkeypatch):
+    """The worker parks after SPIN_LIMIT idle spins and a program cannot wake it from inside,
+    so a program wakes it once at its start (the woken worker spins even though no job is
+    posted yet) and keeps it from parking between its instructions (keep_alive). Here a long
+    prefix of convs run alone precedes twenty shared convs; before those fixes the worker parked
+    during the prefix (or went back to sleep when woken) and the shared convs ran on one core."""
+    import time
+
+    if parallel.POOL.threads != 2:
+        pytest.skip("the spinning worker is used on two threads")
+    m = models["fashion"]
+    pair = spinpool.SpinPair()
+    monkeypatch.setattr(spinpool, "PAIR", pair)
+    monkeypatch.setattr(spinpool, "SPIN_LIMIT", 1 << 18)  # parks after ~0.1 ms of idling
+    prog, _ = _executors(m)
+    x = _nhwc(np.random.default_rng(10).standard_normal((1, *m.input_shape), dtype=np.float32))
+    prog.run_all_exits(x)  # builds the programs and the arena
+    full = prog._programs[(0, True)]
+    rows = full.code[full.code[:, 0] == program.OP_CONV]
+    conv = rows[np.argmax(rows[:, 26])]  # the biggest conv of section 0: a 28x28x16 3x3 one
+    alone = conv.copy()
+    alone[27] = 1 << 62  # pair_min: below it a conv runs on the caller alone
+    code = np.concatenate([np.repeat(alone[None], 40, 0), np.repeat(conv[None], 20, 0)])
+    test_prog = program.Program(code, full.keep)
+    arena, cap = prog._arena, prog._arena.size // prog._layout.per_sample
+    for parked_first in (True, False, True):
+        deadline = time.monotonic() + 5
+        while parked_first and not pair._parked and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert pair._parked or not parked_first
+        before = pair.ctrl[spinpool.WORKER_JOBS]
+        program.execute(test_prog, arena, 1, cap)
+        # it came back for the shared convs (a parked worker looks at none; not "== 20": a
+        # worker descheduled for a while looks only at the newest job when it runs again)
+        assert pair.ctrl[spinpool.WORKER_JOBS] > before
