@@ -176,6 +176,9 @@ def benchmark(
         "sections": sections,
         "warmup_s": warmup_s,
         "thresholds": list(m_ee.thresholds),
+        # None: batches up to executor.PROGRAM_MAX_BATCH run as section programs
+        "programs_unavailable": m_ee._executor.program_unavailable,
+        "program_max_batch": m_ee._executor._program_max_batch,
         "latency": latency,
         "exit_histogram": {
             "samples": int(len(x)),
@@ -224,6 +227,12 @@ def format_report(r: dict) -> str:
             f"| {row['mode']} | {row['batch']} | {row['runs']} | {row['mean_ms']:.3f} | "
             f"{row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['mean_ms_per_sample']:.3f} |"
         )
+    why = r.get("programs_unavailable")
+    lines.append(
+        f"\nbatches up to {r['program_max_batch']} run as section programs (one nogil call each)"
+        if why is None
+        else f"\nsection programs off ({why}): every batch runs the step lists"
+    )
     h = r["exit_histogram"]
     frac = ", ".join(f"{f:.0%}" for f in h["fractions"])
     thr = ", ".join(f"{t:.4g}" for t in r["thresholds"])

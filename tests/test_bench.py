@@ -29,6 +29,7 @@ def test_benchmark_reports_every_number():
     assert r["peak_rss_mb"] > 0
     text = format_report(r)
     assert "lazy decode" in text and "exit histogram" in text
+    assert r["programs_unavailable"] is None and "run as section programs" in text
 
 
 def test_cli_bench_json(capsys):
