@@ -419,6 +419,36 @@ class Executor:
         self, arena: np.ndarray, n: int, thresholds: list[float], policy: int
     ) -> Prediction:
         """_predict on the n samples held in the arena, section by section as programs."""
+
+        def run(s: int, with_exit: bool, rows: int) -> None:
+            self._run_program(s, with_exit, arena, rows)
+
+        def keep_rows(s: int, rows: int, keep: np.ndarray) -> None:
+            self._keep_rows(arena, s, rows, keep)
+
+        return self._early_exit(
+            n, thresholds, policy, run, lambda s, rows: self._logits_in(arena, s, rows), keep_rows
+        )
+
+    def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
+        """Early exit on the step lists: env holds the values; samples that leave are dropped
+        from the values later sections read."""
+        env = self._env(x_nhwc)
+
+        def run(s: int, with_exit: bool, rows: int) -> None:
+            self.run_section(s, env, with_exit)
+
+        def keep_rows(s: int, rows: int, keep: np.ndarray) -> None:
+            for v in self._live_after[s]:
+                env[v] = env[v][keep]
+
+        logits_of = lambda s, rows: env[self.spec.exits[s].logits]  # noqa: E731
+        return self._early_exit(x_nhwc.shape[0], thresholds, policy, run, logits_of, keep_rows)
+
+    def _early_exit(self, n, thresholds, policy, run, logits_of, keep_rows) -> Prediction:
+        """The early-exit loop of both paths: run(s, with_exit, rows) runs section s on the
+        `rows` samples still active, logits_of(s, rows) is exit s's (rows, K) logits, and
+        keep_rows(s, rows, keep) keeps only the samples in `keep` for the later sections."""
         k = self.spec.values[self.spec.exits[0].logits].shape[0]
         labels = np.empty(n, np.int64)
         exit_index = np.empty(n, np.int64)
@@ -427,50 +457,16 @@ class Executor:
         active = np.arange(n)  # rows of the original batch still running
         last = len(self.spec.exits) - 1
         for s in range(last + 1):
-            if s != last and not thresholds[s] <= 1.0:  # nobody leaves at s (see _predict)
-                self._run_program(s, False, arena, len(active))
-                continue
-            self._run_program(s, True, arena, len(active))
-            logits = self._logits_in(arena, s, len(active))
-            conf = confidence(logits, policy)
-            done = np.ones(len(active), bool) if s == last else conf >= thresholds[s]
-            rows = active[done]
-            labels[rows] = np.argmax(logits[done], axis=1)
-            exit_index[rows] = s
-            conf_out[rows] = conf[done]
-            logits_out[rows] = logits[done]
-            if done.all():
-                break
-            keep = ~done
-            self._keep_rows(arena, s, len(active), keep)
-            active = active[keep]
-        return Prediction(labels, exit_index, conf_out, logits_out)
-
-    def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
-        n = x_nhwc.shape[0]
-        k = self.spec.values[self.spec.exits[0].logits].shape[0]
-        labels = np.empty(n, np.int64)
-        exit_index = np.empty(n, np.int64)
-        conf_out = np.empty(n, np.float32)
-        logits_out = np.empty((n, k), np.float32)
-        active = np.arange(n)  # rows of the original batch still running
-        env = self._env(x_nhwc)
-        last = len(self.spec.exits) - 1
-        for s, ex in enumerate(self.spec.exits):
             if s != last and not thresholds[s] <= 1.0:
                 # Confidences lie in [0, 1]: a threshold above 1 (or NaN) means nobody leaves
                 # here, so exit s's head is not computed at all (the dense setting).
-                self.run_section(s, env, with_exit=False)
+                run(s, False, len(active))
                 continue
-            self.run_section(s, env)
-            logits = env[ex.logits]
+            run(s, True, len(active))
+            logits = logits_of(s, len(active))
             conf = confidence(logits, policy)
-            if s == last:
-                done_all = True
-            else:
-                done = conf >= thresholds[s]
-                done_all = bool(done.all())
-            if done_all:  # every remaining sample answers here: no row selection
+            if s == last or bool((done := conf >= thresholds[s]).all()):
+                # every remaining sample answers here: no row selection
                 labels[active] = np.argmax(logits, axis=1)
                 exit_index[active] = s
                 conf_out[active] = conf
@@ -482,11 +478,8 @@ class Executor:
             conf_out[rows] = conf[done]
             logits_out[rows] = logits[done]
             keep = ~done
+            keep_rows(s, len(active), keep)
             active = active[keep]
-            kept = self._env(None)
-            for v in self._live_after[s]:
-                kept[v] = env[v][keep]
-            env = kept
         return Prediction(labels, exit_index, conf_out, logits_out)
 
 
