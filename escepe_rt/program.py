@@ -400,11 +400,10 @@ def _zero_border(base, at, n, size, hq, wq, c, b):
     side = 4 * b * c
     for i in range(n):
         m = base + 4 * (at + i * size)
-        _memset0(m, b * row)  # top rows
-        _memset0(m + (hq - b) * row, b * row)  # bottom rows
-        for y in range(b, hq - b):  # left and right columns
-            _memset0(m + y * row, side)
-            _memset0(m + y * row + row - side, side)
+        _memset0(m, b * row + side)  # the top rows and the first row's left border
+        for y in range(b, hq - b - 1):  # a row's right border + the next row's left one
+            _memset0(m + y * row + row - side, 2 * side)
+        _memset0(m + (hq - b) * row - side, side + b * row)  # the last right border, bottom
 
 
 @_jit
