@@ -48,6 +48,9 @@ WORDS = 32  # int64 words per instruction
 ALIGN = 16  # floats: every arena buffer starts on a 64-byte line
 
 _jit = numba.njit(cache=True, nogil=True)
+# Called only from `run`: inlined there at numba's level, so LLVM optimises the conv kernels
+# they call once less on a cold cache (ResNet-20's first predict without a cache: ~1 s of ~11)
+_inline = numba.njit(cache=True, nogil=True, inline="always")
 
 
 def eligible(spec) -> str | None:
@@ -339,7 +342,7 @@ def run(ctrl, seq, shared, code, arena, n, cap):
     return seq
 
 
-@_jit
+@_inline
 def _conv(ins, base, cap, n, ctrl, seq, shared):
     hp, wp, c, hq, wq, cout = ins[2], ins[3], ins[4], ins[6], ins[7], ins[8]
     size_in, size_out, macs, pair_min = ins[24], ins[25], ins[26], ins[27]
@@ -406,7 +409,7 @@ def _zero_border(base, at, n, size, hq, wq, c, b):
         _memset0(m + (hq - b) * row - side, side + b * row)  # the last right border, bottom
 
 
-@_jit
+@_inline
 def _linear(ins, base, cap, n):
     """out = act(x @ w * scale + shift) per sample (kernels._linear1: the step lists' loop)."""
     n_in, n_out, size_in, size_out = ins[2], ins[4], ins[11], ins[12]

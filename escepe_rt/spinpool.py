@@ -188,7 +188,7 @@ def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, ste
         pass
 
 
-@_jit
+@numba.njit(cache=True, nogil=True, inline="always")  # one caller, _serve (compile time)
 def _take_described(ctrl, seq):
     """The worker's side of job `seq`, from its descriptor. If the caller has already finished
     the job (and maybe written the next one's descriptor), the arrays built here may be stale,
