@@ -212,7 +212,7 @@ class Executor:
     def _steps(self, s: int) -> list[tuple[tuple, int, int]]:
         """Section s's steps as (input value ids, output value id, node index): every node but
         the residual adds folded into a conv, whose step reads (conv input, other) and writes
-        the add's output. Needs no weights (the batch-1 arena is planned from it)."""
+        the add's output. Needs no weights (the programs' arena is planned from it)."""
         begin, end = self.spec.sections[s]
         skip = {j for j, _ in self._fused.values()}
         steps = []
@@ -602,6 +602,7 @@ def _act(y: np.ndarray, act: int) -> np.ndarray:
 # (escepe_rt.parallel). Only batch 1 and 32 were measured (see Pool.blas_threaded).
 OWN_THREADS_MIN_BATCH = 2
 # Batches up to this size run as section programs (escepe_rt/program.py) on models that allow
-# them; the arena grows to the biggest such batch (ResNet-18 width 64 at 32: ~MB, measured in
-# benchmarks/memory.py).
+# them; the arena is kept and grows to the biggest such batch (888 KB per sample for ResNet-18
+# width 64: 28 MB at 32, 57 MB at 64; its batch-32 peak RSS fell from 302 to 248 MB,
+# benchmarks/memory.py, because the step lists kept every activation of a pass alive).
 PROGRAM_MAX_BATCH = 64

@@ -4,7 +4,8 @@ Why: at batch 1 a small model's ops take a few microseconds each, and every step
 executor's plan paid ~3 us of Python around its kernel (argument checks, numba's dispatch of a
 dozen arguments, the spinning worker's slot, a numpy padding copy). The Fashion-MNIST model's
 first exit is 13 steps, so that was a quarter of its time. At batch 32 the per-conv padding
-copies and freshly allocated activations cost ~10% of ResNet-18. Here a section's steps become
+copies and freshly allocated activations cost ResNet-20 ~12% (0.50 vs 0.44 ms per sample,
+measured ad hoc), ResNet-18 ~2%. Here a section's steps become
 rows of an int64 instruction array over one float32 arena; `run` walks the rows in one numba
 call for a batch of n <= the arena's capacity samples.
 
@@ -19,10 +20,10 @@ values equal the step lists' bit for bit (which of the two runs a call depends o
 size and on contention for the arena).
 
 Programs cover models whose every node is an ungrouped conv on the direct kernels, ADD,
-ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or a small LINEAR, on at most
-two threads (more threads cut big convs for escepe_rt.parallel's pool, which a nogil program
-cannot call); `eligible` says why not otherwise, and the executor keeps the step lists then.
-ESCEPE_PROGRAMS=0 switches them off.
+ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or a small LINEAR; on more
+than two threads only batches of 1 of models without a conv big enough for
+escepe_rt.parallel's pool (which a nogil program cannot call). `eligible` says why not
+otherwise, and the executor keeps the step lists then. ESCEPE_PROGRAMS=0 switches them off.
 """
 
 from __future__ import annotations
