@@ -273,7 +273,7 @@ def test_the_worker_stays_for_a_programs_jobs(models, monkeypatch):
     """The worker parks after SPIN_LIMIT idle spins and a program cannot wake it from inside,
     so a program wakes it once at its start (the woken worker spins even though no job is
     posted yet) and keeps it from parking between its instructions (keep_alive). Here a long
-    prefix of convs run alone precedes twenty shared convs; before those fixes the worker parked
+    prefix of small convs run alone precedes twenty shared convs; before those fixes the worker parked
     during the prefix (or went back to sleep when woken) and the shared convs ran on one core."""
     import time
 
@@ -289,9 +289,11 @@ def test_the_worker_stays_for_a_programs_jobs(models, monkeypatch):
     full = prog._programs[(0, True)]
     rows = full.code[full.code[:, 0] == program.OP_CONV]
     conv = rows[np.argmax(rows[:, 26])]  # the biggest conv of section 0: a 28x28x16 3x3 one
-    alone = conv.copy()
-    alone[27] = 1 << 62  # pair_min: below it a conv runs on the caller alone
-    code = np.concatenate([np.repeat(alone[None], 40, 0), np.repeat(conv[None], 20, 0)])
+    small = rows[np.argmin(rows[:, 26])].copy()  # a head conv on a 4x4 map: ~1 us, alone
+    small[27] = 1 << 62  # pair_min: below it a conv runs on the caller alone
+    # the prefix lasts far longer than the idle limit, each of its instructions far less (also
+    # under emulation, where a conv slows down more than a spin)
+    code = np.concatenate([np.repeat(small[None], 400, 0), np.repeat(conv[None], 20, 0)])
     test_prog = program.Program(code, full.keep)
     arena, cap = prog._arena, prog._arena.size // prog._layout.per_sample
     for parked_first in (True, False, True):
