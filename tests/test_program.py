@@ -273,8 +273,9 @@ def test_the_worker_stays_for_a_programs_jobs(models, monkeypatch):
     """The worker parks after SPIN_LIMIT idle spins and a program cannot wake it from inside,
     so a program wakes it once at its start (the woken worker spins even though no job is
     posted yet) and keeps it from parking between its instructions (keep_alive). Here a long
-    prefix of small convs run alone precedes twenty shared convs; before those fixes the worker parked
-    during the prefix (or went back to sleep when woken) and the shared convs ran on one core."""
+    prefix of small convs run alone precedes twenty shared convs; before those fixes the worker
+    parked during the prefix (or went back to sleep when woken) and the shared convs ran on one
+    core."""
     import time
 
     if parallel.POOL.threads != 2:
