@@ -305,8 +305,7 @@ class Executor:
         the arena)."""
         self.run_all_exits(x_nhwc)
         self.predict(x_nhwc, thresholds, policy)
-        if self._claim_arena(x_nhwc) is not None:  # the step lists too, at this batch size
-            self._arena_lock.release()
+        if self._programs_apply(x_nhwc.shape[0]):  # the step lists too, at this batch size
             with self._threading_for(x_nhwc.shape[0]):
                 self._run_all_exits(x_nhwc)
                 self._predict(x_nhwc, thresholds, policy)
@@ -317,9 +316,7 @@ class Executor:
         this model, a batch above the programs' limit, or another thread holds the arena). The
         arena grows to the biggest batch seen and is kept."""
         n = x_nhwc.shape[0]
-        if self._layout is None or not 1 <= n <= self._program_max_batch:
-            return None
-        if not self._arena_lock.acquire(blocking=False):
+        if not self._programs_apply(n) or not self._arena_lock.acquire(blocking=False):
             return None
         if self._arena is None or self._arena.size < n * self._layout.per_sample:
             self._arena = self._arena_views = None  # released before a bigger one is allocated
@@ -330,6 +327,10 @@ class Executor:
             views["input"][...] = 0.0  # its border: the memory holds other values later on
         views["input interior"][...] = x_nhwc
         return self._arena
+
+    def _programs_apply(self, n: int) -> bool:
+        """Whether a batch of n runs as programs (when it finds the arena free)."""
+        return self._layout is not None and 1 <= n <= self._program_max_batch
 
     def _views(self, n: int) -> dict:
         """Views of the arena for a batch of n (the input, every exit's logits), made once."""
@@ -352,7 +353,7 @@ class Executor:
             self._programs[(s, with_exit)] = prog
         program.execute(prog, arena, n, arena.size // self._layout.per_sample)
 
-    def _logits_in(self, arena: np.ndarray, s: int, n: int) -> np.ndarray:
+    def _logits_in(self, s: int, n: int) -> np.ndarray:
         """Exit s's logits (n, K): a view of the arena (valid until the next program runs)."""
         return self._views(n)["logits"][s]
 
@@ -372,7 +373,7 @@ class Executor:
                 out = []
                 for s in range(len(self.spec.exits)):
                     self._run_program(s, True, arena, n)
-                    out.append(self._logits_in(arena, s, n).copy())
+                    out.append(self._logits_in(s, n).copy())
                 return out
             finally:
                 self._arena_lock.release()
@@ -408,7 +409,7 @@ class Executor:
                 self._run_program(s, False, arena, 1)
                 continue
             self._run_program(s, True, arena, 1)
-            logits = self._logits_in(arena, s, 1)
+            logits = self._logits_in(s, 1)
             conf = confidence(logits, policy)
             if s == last or conf[0] >= thresholds[s]:
                 labels = np.argmax(logits, axis=1)
@@ -426,9 +427,7 @@ class Executor:
         def keep_rows(s: int, rows: int, keep: np.ndarray) -> None:
             self._keep_rows(arena, s, rows, keep)
 
-        return self._early_exit(
-            n, thresholds, policy, run, lambda s, rows: self._logits_in(arena, s, rows), keep_rows
-        )
+        return self._early_exit(n, thresholds, policy, run, self._logits_in, keep_rows)
 
     def _predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
         """Early exit on the step lists: env holds the values; samples that leave are dropped

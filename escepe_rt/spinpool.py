@@ -294,10 +294,15 @@ class SpinPair:
                     )
                     self._thread.start()
 
-    def _wake_worker(self) -> None:
-        with self._cond:
-            self._wake = True
-            self._cond.notify()
+    def _ready_worker(self) -> None:
+        """Before posting (the caller holds the slot): a live worker that will not park before
+        the jobs come, woken if it is parked."""
+        self._ensure_worker()
+        keep_alive(self.ctrl)  # before the parked check (see _work)
+        if self._parked:
+            with self._cond:
+                self._wake = True
+                self._cond.notify()
 
     def _work(self) -> None:
         seen = 0
@@ -325,10 +330,7 @@ class SpinPair:
             fn(self.ctrl, 0, False, *args)
             return
         try:
-            self._ensure_worker()
-            keep_alive(self.ctrl)  # before the parked check (see _work)
-            if self._parked:
-                self._wake_worker()
+            self._ready_worker()
             self._seq = fn(self.ctrl, self._seq, True, *args)
         finally:
             self._slot.release()
@@ -340,13 +342,9 @@ class SpinPair:
         if not self._slot.acquire(blocking=False):
             return False
         try:
-            self._ensure_worker()
+            self._ready_worker()
             self._seq += 1
-            seq = self._seq
-            keep_alive(self.ctrl)
-            if self._parked:
-                self._wake_worker()
-            _run_job(self.ctrl, seq, *args, by_blocks, step, total, n)
+            _run_job(self.ctrl, self._seq, *args, by_blocks, step, total, n)
             return True
         finally:
             self._slot.release()
