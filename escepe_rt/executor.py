@@ -185,13 +185,20 @@ class Executor:
     def _prepared_weight(self, i: int):
         node = self.spec.nodes[i]
         if node.op == OpCode.CONV2D:
-            groups = node.options["conv"]["groups"]
+            o = node.options["conv"]
+            groups = o["groups"]
             t = self.spec.tensors[node.weight]
+            cout, cin_g, kh, kw = t.shape
+            wino = kernels.runs_winograd(
+                cout, cin_g * groups, groups, (kh, kw), o["stride"], o["dilation"]
+            )
             if t.encoding in _RANS:  # indices gathered straight into the sgemm layout
                 codebook = self.spec.codebooks[t.codebook][1]
                 idx = self._decode_rans(node.weight, None)
-                return kernels.prepare_conv_weight_from_indices(idx, codebook, t.shape, groups)
-            return kernels.prepare_conv_weight(self.tensor(node.weight), groups)
+                return kernels.prepare_conv_weight_from_indices(
+                    idx, codebook, t.shape, groups, wino
+                )
+            return kernels.prepare_conv_weight(self.tensor(node.weight), groups, wino)
         return kernels.prepare_linear_weight(self.tensor(node.weight))
 
     def _vector(self, index: int):

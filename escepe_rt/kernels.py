@@ -24,6 +24,7 @@ import numpy as np
 from numba import prange
 
 from escepe_rt import microkernel, parallel, spinpool
+from escepe_rt.winograd import weights_of as winograd_weights
 
 __all__ = [
     "ACT_NONE",
@@ -57,6 +58,10 @@ _F32 = np.float32
 # SIMD micro-kernels (escepe_rt/microkernel.py) instead of im2col + sgemm; decided when the weight
 # is prepared. ESCEPE_DIRECT_CONV=0 switches them off (the tests compare both paths).
 DIRECT_CONV = os.environ.get("ESCEPE_DIRECT_CONV", "1").strip() != "0"
+# 3x3 stride-1 convs with channel counts in whole LANES run Winograd F(2x2, 3x3) on the same
+# micro-kernels (escepe_rt/winograd.py); the weight is prepared for it when the executor knows
+# the conv's stride. ESCEPE_WINOGRAD=0 keeps them on the direct kernels.
+WINOGRAD = os.environ.get("ESCEPE_WINOGRAD", "1").strip() != "0"
 _EMPTY = np.empty(0, dtype=_F32)
 
 # Row-parallel kernels are written with prange but compiled serially: numba's OpenMP pool
@@ -434,6 +439,9 @@ class ConvWeight(NamedTuple):
     ``panels``: (ceil(Cout / LANES), kh*kw*Cin, LANES) float32 for the direct micro-kernels
     (ungrouped, Cout >= LANES / 2): the same matrix as ``gemm``, cut into column panels of LANES
     so that each panel streams contiguously, the last one zero-padded past Cout; None otherwise.
+    ``winograd``: ``panels`` holds a 3x3 conv's Winograd F(2x2, 3x3) weights instead,
+    (16 * Cout / LANES, Cin, LANES) (escepe_rt.winograd.weights_of); only for stride 1, no
+    dilation (make_conv checks).
     """
 
     Cout: int
@@ -444,14 +452,16 @@ class ConvWeight(NamedTuple):
     gemm: np.ndarray | None
     dw: np.ndarray | None
     panels: np.ndarray | None = None
+    winograd: bool = False
 
     @property
     def depthwise(self) -> bool:
         return self.dw is not None
 
 
-def prepare_conv_weight(weight_oihw: np.ndarray, groups: int) -> ConvWeight:
-    """Prepare a PyTorch-layout (Cout, Cin/groups, kh, kw) weight for :func:`conv2d`."""
+def prepare_conv_weight(weight_oihw: np.ndarray, groups: int, winograd: bool = False) -> ConvWeight:
+    """Prepare a PyTorch-layout (Cout, Cin/groups, kh, kw) weight for :func:`conv2d`; with
+    `winograd`, for a 3x3 stride-1 conv that runs Winograd (see :func:`runs_winograd`)."""
     w = np.asarray(weight_oihw, dtype=_F32)
     if w.ndim != 4:
         raise ValueError(f"conv weight must be 4-D (Cout, Cin/groups, kh, kw), got {w.shape}")
@@ -473,7 +483,7 @@ def prepare_conv_weight(weight_oihw: np.ndarray, groups: int) -> ConvWeight:
             w = np.concatenate([w, np.zeros((blocks * _LANES - cout, cin, kh, kw), _F32)])
         p = w.reshape(blocks, _LANES, cin, kh, kw).transpose(0, 3, 4, 2, 1)
         panels = np.ascontiguousarray(p).reshape(blocks, kh * kw * cin, _LANES)
-        return ConvWeight(cout, cin, kh, kw, 1, None, None, panels)
+        return _with_panels(ConvWeight(cout, cin, kh, kw, 1, None, None, panels), winograd)
     # (G, Cout_g, Cin_g, kh, kw) -> (G, kh, kw, Cin_g, Cout_g) -> (G, kh*kw*Cin_g, Cout_g)
     g = w.reshape(groups, cout_g, cin_g, kh, kw).transpose(0, 3, 4, 2, 1)
     gemm = np.ascontiguousarray(g).reshape(groups, kh * kw * cin_g, cout_g)
@@ -495,6 +505,35 @@ def runs_direct(cout: int, groups: int, dilation_w: int) -> bool:
     return _uses_panels(cout, groups) and dilation_w == 1
 
 
+def runs_winograd(cout: int, cin: int, groups: int, kernel, stride, dilation) -> bool:
+    """Whether a conv runs Winograd F(2x2, 3x3) on the micro-kernels: ungrouped 3x3, stride 1,
+    no dilation, input and output channels in whole LANES (the transforms work on whole
+    vectors). Measured ad hoc on one core of the 2-vCPU VM at batch 1 (scripts in /tmp): 32x32x64
+    -> 64 669 -> 392 us, 16x16x128 661 -> 359 us, 4x4x512 709 -> 528 us, 28x28x16 -> 16 34 ->
+    27 us."""
+    return (
+        WINOGRAD
+        and _uses_panels(cout, groups)
+        and tuple(kernel) == (3, 3)
+        and tuple(stride) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and cin % _LANES == 0
+        and cout % _LANES == 0
+    )
+
+
+def _with_panels(w: ConvWeight, winograd: bool) -> ConvWeight:
+    """w, its panels replaced by Winograd weights if `winograd` (the panels are then dropped)."""
+    if not winograd:
+        return w
+    if (w.kh, w.kw) != (3, 3) or w.Cin % _LANES or w.Cout % _LANES:
+        raise ValueError(
+            f"Winograd needs a 3x3 conv with channels in multiples of {_LANES}, "
+            f"got {w.kh}x{w.kw}, {w.Cin} -> {w.Cout}"
+        )
+    return w._replace(panels=winograd_weights(w.panels), winograd=True)
+
+
 def _gemm_of(w: ConvWeight) -> np.ndarray:
     """The (kh*kw*Cin, Cout) sgemm matrix of an ungrouped conv, rebuilt from the panels if
     needed (make_conv does it once for a width-dilated conv, which the direct kernels cannot
@@ -507,7 +546,7 @@ def _gemm_of(w: ConvWeight) -> np.ndarray:
 
 
 def prepare_conv_weight_from_indices(
-    indices: np.ndarray, codebook: np.ndarray, shape, groups: int
+    indices: np.ndarray, codebook: np.ndarray, shape, groups: int, winograd: bool = False
 ) -> ConvWeight:
     """:func:`prepare_conv_weight` of ``codebook[indices].reshape(shape)``, without the float32
     tensor in stored (OIHW) order: the codebook values are gathered straight into the sgemm
@@ -529,7 +568,7 @@ def prepare_conv_weight_from_indices(
         # the panels are the sgemm matrix of LANES-wide column blocks: gather block by block
         panels = np.empty((-(-cout // _LANES), kh * kw * cin_g, _LANES), dtype=_F32)
         _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, cout, panels)
-        return ConvWeight(cout, cin_g, kh, kw, 1, None, None, panels)
+        return _with_panels(ConvWeight(cout, cin_g, kh, kw, 1, None, None, panels), winograd)
     gemm = np.empty((groups, kh * kw * cin_g, cout_g), dtype=_F32)
     _gather_gemm(idx, cb, cout_g, cin_g, kh * kw, cout, gemm)
     return ConvWeight(cout, cin_g * groups, kh, kw, groups, gemm, None)
@@ -584,6 +623,10 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
     if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("stride/dilation must be >= 1 and padding >= 0")
     act = _check_act(activation)
+    if w.winograd and (sh, sw, dh, dw) != (1, 1, 1, 1):
+        raise ValueError(
+            f"Winograd weights need stride 1 and no dilation, got {stride}, {dilation}"
+        )
     if w.panels is not None and not runs_direct(w.Cout, w.groups, dw):  # matrix rebuilt once
         w = w._replace(gemm=_gemm_of(w)[None], panels=None)
     kh, kw, cout, cin = w.kh, w.kw, w.Cout, w.Cin
@@ -816,23 +859,23 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
         has_res,
         epi,
         act,
-        (w.kh, w.kw, sh, sw, dh, 0, 0),  # no border of the input's own, none around out
+        (w.kh, w.kw, sh, sw, dh, 0, 0, int(w.winograd)),  # no border on xp's own, none on out
     )
-    blocks = w.panels.shape[0]
-    pixels = n * ho * wo
+    blocks = w.Cout // _LANES if w.winograd else w.panels.shape[0]
+    units = microkernel.work(args[7], n, ho, wo)
     pool = parallel.POOL
-    macs = pixels * cout * w.kh * w.kw * xp.shape[3]
+    macs = n * ho * wo * cout * w.kh * w.kw * xp.shape[3]
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
-        microkernel.conv_direct(*args, 0, blocks, 0, pixels)
+        microkernel.conv_range(*args, 0, blocks, 0, units)
         return
     if pool.threads == 2 or macs < PARALLEL_MIN_MACS:
         # the caller + one spinning worker, handed over without the GIL (escepe_rt/spinpool.py)
-        by_blocks, step, n_chunks = microkernel.split(blocks, pixels, 4)
-        if not spinpool.PAIR.run(args, by_blocks, step, pixels, n_chunks):
-            microkernel.conv_direct(*args, 0, blocks, 0, pixels)  # worker busy: run alone
+        by_blocks, step, n_chunks = microkernel.split(blocks, units, 4, w.winograd)
+        if not spinpool.PAIR.run(args, by_blocks, step, units, n_chunks):
+            microkernel.conv_range(*args, 0, blocks, 0, units)  # worker busy: run alone
         return
-    by_blocks, step, n_chunks = microkernel.split(blocks, pixels, 2 * pool.threads)
-    pool.run(lambda i: microkernel.conv_chunk(*args, by_blocks, step, pixels, i), n_chunks)
+    by_blocks, step, n_chunks = microkernel.split(blocks, units, 2 * pool.threads, w.winograd)
+    pool.run(lambda i: microkernel.conv_chunk(*args, by_blocks, step, units, i), n_chunks)
 
 
 def _conv_rows(x, wmat, out2d, res2d, m0, m1, pointwise, geom, epi):

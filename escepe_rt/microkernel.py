@@ -31,6 +31,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from escepe_rt import winograd
+
 LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
 
@@ -193,10 +195,11 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     out, res: (N, Ho + 2 * pad_out, Wo + 2 * pad_out, Cout), of which the interior is written
     (res = out when has_res is false); epi: (2 * Cp,) scale then shift (ones / zeros where the
     conv has none), Cp = LANES * panels, padded like the panels; act 0/1/2 (none, relu, relu6).
-    geom = (kh, kw, sh, sw, dh, origin, pad_out): the conv's padded input starts `origin` floats
-    into each image of xp (a section program keeps every map inside a zero border of its own, at
-    least as wide as the convs that read it need, so it is read in place and written into the
-    next conv's border without a padding copy; the step lists pass 0, 0). The caller checked the
+    geom = (kh, kw, sh, sw, dh, origin, pad_out, winograd): the conv's padded input starts
+    `origin` floats into each image of xp (a section program keeps every map inside a zero
+    border of its own, at least as wide as the convs that read it need, so it is read in place
+    and written into the next conv's border without a padding copy; the step lists pass 0, 0);
+    winograd is 0 here (1: conv_winograd's weights, see conv_range). The caller checked the
     shapes: every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
     (across output rows: each pixel has its own input and output offset), channel blocks the
     outer loop: a block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every
@@ -204,7 +207,7 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     LANES-wide scratch and copies the valid channels out (the tiles load and store whole
     vectors); with Cout < LANES only the last tile of the range needs that (see below).
     """
-    kh, kw, sh, sw, dh, origin, pad_out = geom
+    kh, kw, sh, sw, dh, origin, pad_out, _ = geom
     _, hp, wp, c = xp.shape
     _, hq, wq, cout = out.shape
     ho, wo = hq - 2 * pad_out, wq - 2 * pad_out
@@ -291,27 +294,154 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
             i += done
 
 
+# Floats of a Winograd conv's per-block scratch (the transformed inputs V of a block of tiles
+# and their products M): the block stays in one core's L2 (512 KB on a Cortex-A76 and here).
+WINOGRAD_BLOCK_FLOATS = 1 << 17
+
+
+@_jit
+def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
+    """conv_direct's contract for a 3x3 stride-1 conv on Winograd F(2x2, 3x3) weights u
+    ((16 * blocks, C, LANES), escepe_rt.winograd.weights_of; C and Cout multiples of LANES):
+    channel blocks [b0, b1) of the 2x2 output tiles [t0, t1), tile t = (n * th + ty) * tw + tx
+    with th, tw = ceil(Ho / 2), ceil(Wo / 2). A 2x2 tile reads the 4x4 window of the conv's
+    padded input (Ho + 2 rows, Wo + 2 columns from `origin`) at (2 ty, 2 tx); tiles whose window
+    passes that edge (odd Ho or Wo) are copied into a zeroed 4x4 scratch first, and their
+    outputs past the map are not stored.
+
+    Per block of tiles: V = B^T d B of every tile (winograd.input_tile), then for each of the 16
+    positions xi the product V[xi] (tiles x C) @ u[xi] (C x LANES per block) on this module's
+    tiles as a 1x1 conv (no epilogue), then Y = A^T M A with the conv's epilogue
+    (winograd.output_tile). Each output's reduction runs in the same order whatever the
+    chunking, so results do not depend on how a conv is split between threads."""
+    origin, pad_out = geom[5], geom[6]
+    _, hp, wp, c = xp.shape
+    _, hq, wq, cout = out.shape
+    ho, wo = hq - 2 * pad_out, wq - 2 * pad_out
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    blocks = u.shape[0] // 16
+    width = (b1 - b0) * LANES  # channels of M
+    cp = epi.shape[0] // 2
+    tb = min(256, max(8, WINOGRAD_BLOCK_FLOATS // (16 * (c + width)) // 8 * 8))
+    tb = max(1, min(tb, t1 - t0))
+    v = np.empty((16, 1, tb, c), dtype=np.float32)
+    m = np.empty((16, 1, tb, width), dtype=np.float32)
+    offs = np.arange(16 * tb) * c  # row r of V[xi]: tile r, at (xi * tb + r) * c
+    coffs = np.arange(tb) * width
+    ident = np.zeros(2 * width, dtype=np.float32)  # scale 1, shift 0: M is stored raw
+    ident[:width] = 1.0
+    ibase = np.empty(tb, dtype=np.int64)  # each tile's 4x4 window in xp
+    window = np.empty(tb, dtype=np.int64)  # rows * 8 + columns of it inside the padded input
+    obase = np.empty(tb, dtype=np.int64)  # its top-left output pixel in out
+    part = np.empty(tb, dtype=np.int64)  # bit 0: has a right column, bit 1: a bottom row
+    edge = np.zeros(16 * c, dtype=np.float32)
+    qoffs = np.empty(4, dtype=np.int64)
+    xf, vf, mf, of, rf = xp.ravel(), v.ravel(), m.ravel(), out.ravel(), res.ravel()
+    row = wp * c
+    tx = t0 % tw
+    q = t0 // tw
+    ty = q % th
+    ni = q // th
+    for t_at in range(t0, t1, tb):
+        nt = min(tb, t1 - t_at)
+        for k in range(nt):  # where each tile reads and writes (no division per tile)
+            ibase[k] = (ni * hp * wp + 2 * ty * wp + 2 * tx) * c + origin
+            window[k] = min(4, ho + 2 - 2 * ty) * 8 + min(4, wo + 2 - 2 * tx)
+            obase[k] = ((ni * hq + 2 * ty + pad_out) * wq + 2 * tx + pad_out) * cout
+            part[k] = (1 if 2 * tx + 1 < wo else 0) | (2 if 2 * ty + 1 < ho else 0)
+            tx += 1
+            if tx == tw:
+                tx = 0
+                ty += 1
+                if ty == th:
+                    ty = 0
+                    ni += 1
+        for k in range(nt):  # V = B^T d B
+            src, base, step = xf, ibase[k], row
+            if window[k] != 4 * 8 + 4:  # past the padded input's edge: a zero-filled copy
+                rows, cols = window[k] // 8, window[k] % 8
+                edge[:] = 0.0
+                for y in range(rows):
+                    for x in range(cols):
+                        at = base + y * row + x * c
+                        edge[(y * 4 + x) * c : (y * 4 + x + 1) * c] = xf[at : at + c]
+                src, base, step = edge, 0, 4 * c
+            for ch in range(0, c, LANES):
+                winograd.input_tile(src, base + ch, step, c, vf, k * c + ch, tb * c)
+        for blk in range(b0, b1):  # M[xi] = V[xi] @ u[xi], channel block by block
+            ep = ((blk - b0) * LANES, width, 0, 0)
+            for xi in range(16):
+                b_off = (xi * blocks + blk) * c * LANES
+                c_add = xi * tb * width + (blk - b0) * LANES
+                i = 0
+                while i < nt:
+                    o0 = xi * tb + i
+                    if nt - i >= 8:
+                        _tile8(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        i += 8
+                    elif nt - i >= 4:
+                        _tile4(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        i += 4
+                    elif nt - i >= 2:
+                        _tile2(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        i += 2
+                    else:
+                        _tile1(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        i += 1
+        for k in range(nt):  # Y = A^T M A, epilogue, store
+            ob, p = obase[k], part[k]
+            qoffs[0] = ob
+            qoffs[1] = ob + cout if p & 1 else -1
+            qoffs[2] = ob + wq * cout if p & 2 else -1
+            qoffs[3] = ob + (wq + 1) * cout if p == 3 else -1
+            for blk in range(b0, b1):
+                ep = (blk * LANES, cp, 1 if has_res else 0, act)
+                m_at = k * width + (blk - b0) * LANES
+                winograd.output_tile(mf, m_at, tb * width, epi, ep, rf, of, qoffs)
+
+
+@_jit
+def conv_range(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
+    """Channel blocks [b0, b1) of work units [m0, m1) of a conv: output pixels on the direct
+    kernels, or 2x2 output tiles on Winograd weights (geom[7] = 1, see conv_winograd)."""
+    if geom[7]:
+        conv_winograd(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
+    else:
+        conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
+
+
+@_jit
+def work(geom, n, ho, wo):
+    """The work units of a conv (n samples, Ho x Wo): output pixels, or Winograd's 2x2 tiles."""
+    if geom[7]:
+        return n * ((ho + 1) // 2) * ((wo + 1) // 2)
+    return n * ho * wo
+
+
 @_jit
 def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i):
     """Chunk i of a conv cut for threads: `step` channel blocks (by_blocks) or `step` of the
-    `total` output pixels (conv_direct's other arguments as there)."""
-    blocks = w.shape[0]
+    `total` work units (conv_range's other arguments as there)."""
+    blocks = w.shape[0] // 16 if geom[7] else w.shape[0]
     lo = i * step
-    # one call site, no literal arguments: each would compile conv_direct once more (a
+    # one call site, no literal arguments: each would compile the kernels once more (a
     # literal 0 is its own type to numba), tripling the cold-cache compile time
     if by_blocks:
         b0, b1, m0, m1 = lo, min(blocks, lo + step), lo - lo, total
     else:
         b0, b1, m0, m1 = lo - lo, blocks, lo, min(total, lo + step)
-    conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
+    conv_range(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
 
 
 @_jit
-def split(blocks, pixels, chunks):
-    """(by_blocks, step, n): about `chunks` chunks of a conv for conv_chunk: channel blocks when
-    there are enough of them (or too few pixels to share), else runs of whole 8-pixel tiles."""
-    if blocks >= chunks or pixels < 8 * chunks:
+def split(blocks, units, chunks, winograd):
+    """(by_blocks, step, n): about `chunks` chunks of a conv for conv_chunk. Direct convs: channel
+    blocks when there are enough of them (or too few pixels to share), else runs of whole
+    8-pixel tiles. Winograd convs: runs of tiles whenever there are 8 per chunk (a chunk of
+    channel blocks repeats the input transform of every tile)."""
+    few = units < 8 * chunks
+    if few or (blocks >= chunks and not winograd):
         step = -(-blocks // min(blocks, chunks))
         return True, step, -(-blocks // step)
-    step = -(-pixels // (chunks * 8)) * 8
-    return False, step, -(-pixels // step)
+    step = -(-units // (chunks * 8)) * 8
+    return False, step, -(-units // step)

@@ -259,6 +259,7 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
                 spinpool.address_of(epi), epi.shape[0], act,
                 weight.kh, weight.kw, sh, sw, dh, origin, border[out],
                 size[ins[0]], size[out], macs, pair_min, int(out in layout.dirty),
+                int(weight.winograd),
             )  # fmt: skip
         elif op == OpCode.ADD:
             row(OP_ADD, off[ins[0]], off[ins[1]], off[out], size[out], node.activation)
@@ -354,16 +355,16 @@ def _conv(ins, base, cap, n, ctrl, seq, shared):
     out_at = ins[5] * cap
     if ins[28]:  # the output's memory held another value's floats (Layout.dirty)
         _zero_border(base, out_at, n, size_out, hq, wq, cout, ins[23])
-    blocks = ins[11]
-    w = numba.carray(spinpool._f32_ptr(ins[10]), (blocks, ins[12], ins[13]))
+    w = numba.carray(spinpool._f32_ptr(ins[10]), (ins[11], ins[12], ins[13]))
     epi = numba.carray(spinpool._f32_ptr(ins[14]), (ins[15],))
     act = ins[16]
-    geom = (ins[17], ins[18], ins[19], ins[20], ins[21], ins[22], ins[23])
+    geom = (ins[17], ins[18], ins[19], ins[20], ins[21], ins[22], ins[23], ins[29])
+    blocks = ins[11] // 16 if ins[29] else ins[11]  # Winograd weights: 16 matrices per block
     has_res = ins[9] >= 0
     res_at = ins[9] * cap if has_res else out_at
     ho, wo = hq - 2 * ins[23], wq - 2 * ins[23]
-    total = batch * ho * wo
-    by_blocks, step, chunks = microkernel.split(blocks, total, 4)
+    total = microkernel.work(geom, batch, ho, wo)
+    by_blocks, step, chunks = microkernel.split(blocks, total, 4, ins[29] != 0)
     share = shared and chunks > 1 and batch * macs >= pair_min
     for i in range(per_call):
         xp = numba.carray(_at(base, ins[1] * cap + i * size_in), (batch, hp, wp, c))
@@ -376,7 +377,7 @@ def _conv(ins, base, cap, n, ctrl, seq, shared):
             )
         else:
             first = total - total  # not a literal 0: conv_direct compiles once (see conv_chunk)
-            microkernel.conv_direct(
+            microkernel.conv_range(
                 xp, w, out, res, has_res, epi, act, geom, first, blocks, first, total
             )
     return seq

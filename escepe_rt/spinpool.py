@@ -133,17 +133,17 @@ W, W_SHAPE = DESC + 5, DESC + 6  # 3 dims
 OUT, OUT_SHAPE = DESC + 9, DESC + 10  # 4 dims (res has out's shape)
 RES, EPI, EPI_LEN = DESC + 14, DESC + 15, DESC + 16
 HAS_RES, ACT, GEOM = DESC + 17, DESC + 18, DESC + 19  # geom: GEOM_WORDS words
-GEOM_WORDS = 7
-BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 26, DESC + 27, DESC + 28, DESC + 29
+GEOM_WORDS = 8
+BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 27, DESC + 28, DESC + 29, DESC + 30
 CTRL_WORDS = DESC + 32
 
 
 @_jit
 def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
     """Claim chunks of job `seq` until none is left; each chunk is `step` channel blocks
-    (by_blocks) or `step` of the `total` output pixels. NEXT holds (seq << TAG) | next chunk and
-    is claimed by compare-and-swap, so a worker still holding an older job's arguments can never
-    take a chunk of a newer job."""
+    (by_blocks) or `step` of the `total` work units (pixels, or Winograd tiles). NEXT holds
+    (seq << TAG) | next chunk and is claimed by compare-and-swap, so a worker still holding an
+    older job's arguments can never take a chunk of a newer job."""
     while True:
         v = _load(ctrl, NEXT)
         i = v & CHUNK_MASK
@@ -202,7 +202,7 @@ def _take_described(ctrl, seq):
     res = numba.carray(_f32_ptr(ctrl[RES]), out_shape)
     epi = numba.carray(_f32_ptr(ctrl[EPI]), (ctrl[EPI_LEN],))
     g = ctrl[GEOM : GEOM + GEOM_WORDS]
-    geom = (g[0], g[1], g[2], g[3], g[4], g[5], g[6])
+    geom = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7])
     has_res = ctrl[HAS_RES] != 0
     by_blocks = ctrl[BY_BLOCKS] != 0
     act, step, total, n = ctrl[ACT], ctrl[STEP], ctrl[TOTAL], ctrl[CHUNKS]
@@ -265,7 +265,7 @@ def warm() -> None:
     w = np.zeros((1, 1, lanes), dtype=np.float32)
     out = np.zeros((1, 1, 1, lanes), dtype=np.float32)
     epi = np.zeros(2 * lanes, dtype=np.float32)
-    job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0), True, 1, 1, 1)
+    job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0, 0), True, 1, 1, 1)
     ctrl = np.zeros(CTRL_WORDS, dtype=np.int64)  # a private slot: the worker never sees this job
     _run_job(ctrl, 1, *job)
     microkernel.conv_chunk(*job[:-1], 0)  # the Python pool's entry (machines with > 2 threads)
@@ -336,7 +336,7 @@ class SpinPair:
             self._slot.release()
 
     def run(self, args: tuple, by_blocks: bool, step: int, total: int, n: int) -> bool:
-        """Run a direct conv (`args` as for microkernel.conv_direct, without the ranges) in n
+        """Run a direct conv (`args` as for microkernel.conv_range, without the ranges) in n
         chunks on the caller and the worker; False (nothing done) if another caller holds the
         slot: the caller then runs the conv alone."""
         if not self._slot.acquire(blocking=False):

@@ -131,12 +131,12 @@ def test_direct_conv_reads_and_writes_inside_borders(case, split, b_out):
     panels = K.prepare_conv_weight(wt, 1).panels
     cout = ref.shape[3]
     epi = K._direct_epilogue(np.ones(cout, np.float32), np.zeros(cout, np.float32), 1, 1, cout)
-    args = (xb, panels, out, resb, True, epi, act, (kh, kw, sh, sw, dh, origin, b_out))
+    args = (xb, panels, out, resb, True, epi, act, (kh, kw, sh, sw, dh, origin, b_out, 0))
     blocks, pixels = panels.shape[0], ref[..., 0].size
     if split == "whole":
         microkernel.conv_direct(*args, 0, blocks, 0, pixels)
     else:
-        by_blocks, step, n = microkernel.split(blocks, pixels, 4)
+        by_blocks, step, n = microkernel.split(blocks, pixels, 4, False)
         if split == "pair":
             assert spinpool.PAIR.run(args, by_blocks, step, pixels, n)
         else:

@@ -39,7 +39,7 @@ _RUN = textwrap.dedent(
     out = np.zeros((1, 4, 4, 16), np.float32)
     epi = np.concatenate([np.ones(16, np.float32), np.zeros(16, np.float32)])
     ctrl = np.zeros(spinpool.CTRL_WORDS, np.int64)
-    spinpool._run_job(ctrl, 1, x, cw.panels, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0),
+    spinpool._run_job(ctrl, 1, x, cw.panels, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0, 0),
                       True, 1, 16, 1)
     print(float(out[0, 0, 0, 0]))
     """
@@ -65,7 +65,7 @@ def test_a_caller_cached_before_its_callee_changed_is_recompiled(tmp_path):
     assert run() == 8.0  # ones * ones summed over 8 input channels
     assert list((copy / "__pycache__").glob("spinpool._run_job*.nbi"))  # cached
     src = (copy / "microkernel.py").read_text()
-    marker = "    kh, kw, sh, sw, dh, origin, pad_out = geom\n    _, hp, wp, c = xp.shape\n"
+    marker = "    kh, kw, sh, sw, dh, origin, pad_out, _ = geom\n    _, hp, wp, c = xp.shape\n"
     assert src.count(marker) == 1
     edited = src.replace(marker, marker + "    out[0, 0, 0, 0] = -1.0\n    return\n")
     (copy / "microkernel.py").write_text(edited)

@@ -21,7 +21,7 @@ def _conv(seed: int, n=1, h=12, w=10, cin=8, cout=48, stride=1):
     out = np.empty((n, ho, wo, cout), np.float32)
     res = rng.standard_normal(out.shape, dtype=np.float32)
     epi = rng.standard_normal(2 * cout).astype(np.float32)
-    args = (xp, cw.panels, out, res, True, epi, K.ACT_RELU, (3, 3, stride, stride, 1, 0, 0))
+    args = (xp, cw.panels, out, res, True, epi, K.ACT_RELU, (3, 3, stride, stride, 1, 0, 0, 0))
     return args, out
 
 
