@@ -46,9 +46,10 @@ def _phis(builder, ty, values, block) -> list:
     return phis
 
 
-def _make_tile(rows: int):
+def _make_tile(rows: int, epilogue: bool = True):
     """An intrinsic computing one tile of `rows` output pixels x LANES channels, epilogue
-    included (on the registers, before the one store):
+    included (on the registers, before the one store; without `epilogue`, the sums are stored
+    as they are and epi, res, ep are not read: Winograd's products):
 
         acc = sum over ky < kh, k < krow of
             a[offs[o0 + r] + ky*a_ky + k] * b[b_off + (ky*krow + k)*LANES : +LANES]
@@ -138,6 +139,13 @@ def _make_tile(rows: int):
             builder.branch(ky_head)
 
             builder.position_at_end(done)
+            if not epilogue:
+                for r in range(rows):
+                    at = builder.add(c0, ir.Constant(i64, r))
+                    off = builder.add(builder.load(builder.gep(ptr_co, [at])), c_add)
+                    dst = builder.bitcast(builder.gep(ptr_c, [off]), vptr)
+                    builder.store(accs_ky[r], dst, align=4)
+                return context.get_dummy_value()
             # epilogue: epi = [scale (cp), shift (cp)] flat; ep = (cb, cp, has_res, act)
             ptr_e = context.make_array(signature.args[12])(context, builder, args[12]).data
             ptr_r = context.make_array(signature.args[13])(context, builder, args[13]).data
@@ -181,6 +189,10 @@ _tile8 = _make_tile(8)
 _tile4 = _make_tile(4)
 _tile2 = _make_tile(2)
 _tile1 = _make_tile(1)
+_sums8 = _make_tile(8, epilogue=False)
+_sums4 = _make_tile(4, epilogue=False)
+_sums2 = _make_tile(2, epilogue=False)
+_sums1 = _make_tile(1, epilogue=False)
 
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -305,8 +317,8 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
     ((16 * blocks, C, LANES), escepe_rt.winograd.weights_of; C and Cout multiples of LANES):
     channel blocks [b0, b1) of the 2x2 output tiles [t0, t1), tile t = (n * th + ty) * tw + tx
     with th, tw = ceil(Ho / 2), ceil(Wo / 2). A 2x2 tile reads the 4x4 window of the conv's
-    padded input (Ho + 2 rows, Wo + 2 columns from `origin`) at (2 ty, 2 tx); tiles whose window
-    passes that edge (odd Ho or Wo) are copied into a zeroed 4x4 scratch first, and their
+    padded input (Ho + 2 rows, Wo + 2 columns from `origin`) at (2 ty, 2 tx); with an odd Ho or
+    Wo the last tiles' windows pass that edge by one row or column (see below), and their
     outputs past the map are not stored.
 
     Per block of tiles: V = B^T d B of every tile (winograd.input_tile), then for each of the 16
@@ -328,8 +340,6 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
     m = np.empty((16, 1, tb, width), dtype=np.float32)
     offs = np.arange(16 * tb) * c  # row r of V[xi]: tile r, at (xi * tb + r) * c
     coffs = np.arange(tb) * width
-    ident = np.zeros(2 * width, dtype=np.float32)  # scale 1, shift 0: M is stored raw
-    ident[:width] = 1.0
     ibase = np.empty(tb, dtype=np.int64)  # each tile's 4x4 window in xp
     window = np.empty(tb, dtype=np.int64)  # rows * 8 + columns of it inside the padded input
     obase = np.empty(tb, dtype=np.int64)  # its top-left output pixel in out
@@ -358,7 +368,12 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
                     ni += 1
         for k in range(nt):  # V = B^T d B
             src, base, step = xf, ibase[k], row
-            if window[k] != 4 * 8 + 4:  # past the padded input's edge: a zero-filled copy
+            # A window past the padded input's edge (odd Ho or Wo): its last row / column only
+            # reach V's last row / column, thence only Y's second row / column, which lies
+            # outside the map and is not stored; so it is read in place whatever those floats
+            # are (the next image's, the next row's) while that memory is inside xp, and from
+            # a zero-filled copy at xp's very end.
+            if window[k] != 4 * 8 + 4 and base + 3 * row + 4 * c > xf.size:
                 rows, cols = window[k] // 8, window[k] % 8
                 edge[:] = 0.0
                 for y in range(rows):
@@ -369,7 +384,7 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
             for ch in range(0, c, LANES):
                 winograd.input_tile(src, base + ch, step, c, vf, k * c + ch, tb * c)
         for blk in range(b0, b1):  # M[xi] = V[xi] @ u[xi], channel block by block
-            ep = ((blk - b0) * LANES, width, 0, 0)
+            ep = (blk, blk, blk, blk)  # not read (no epilogue)
             for xi in range(16):
                 b_off = (xi * blocks + blk) * c * LANES
                 c_add = xi * tb * width + (blk - b0) * LANES
@@ -377,16 +392,16 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
                 while i < nt:
                     o0 = xi * tb + i
                     if nt - i >= 8:
-                        _tile8(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        _sums8(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
                         i += 8
                     elif nt - i >= 4:
-                        _tile4(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        _sums4(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
                         i += 4
                     elif nt - i >= 2:
-                        _tile2(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        _sums2(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
                         i += 2
                     else:
-                        _tile1(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, ident, m, ep)
+                        _sums1(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
                         i += 1
         for k in range(nt):  # Y = A^T M A, epilogue, store
             ob, p = obase[k], part[k]
@@ -437,11 +452,16 @@ def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total,
 def split(blocks, units, chunks, winograd):
     """(by_blocks, step, n): about `chunks` chunks of a conv for conv_chunk. Direct convs: channel
     blocks when there are enough of them (or too few pixels to share), else runs of whole
-    8-pixel tiles. Winograd convs: runs of tiles whenever there are 8 per chunk (a chunk of
-    channel blocks repeats the input transform of every tile)."""
-    few = units < 8 * chunks
-    if few or (blocks >= chunks and not winograd):
+    8-pixel tiles. Winograd convs: runs of whole 8-tile blocks whenever there are two (fewer
+    chunks rather than channel blocks: a chunk of channel blocks repeats the input transform of
+    every tile; 7x7x64 -> 64 at batch 1, 16 tiles, ran slower than the direct kernels on 2
+    threads cut in 4 channel chunks, faster in 2 tile chunks, ad hoc)."""
+    if winograd and units >= 16:
+        runs = min(chunks, units // 8)
+    elif winograd or units < 8 * chunks or blocks >= chunks:
         step = -(-blocks // min(blocks, chunks))
         return True, step, -(-blocks // step)
-    step = -(-units // (chunks * 8)) * 8
+    else:
+        runs = chunks
+    step = -(-units // (runs * 8)) * 8
     return False, step, -(-units // step)
