@@ -189,8 +189,9 @@ class Executor:
             groups = o["groups"]
             t = self.spec.tensors[node.weight]
             cout, cin_g, kh, kw = t.shape
+            _, ho, wo = self.spec.values[node.output].shape
             wino = kernels.runs_winograd(
-                cout, cin_g * groups, groups, (kh, kw), o["stride"], o["dilation"]
+                cout, cin_g * groups, groups, (kh, kw), o["stride"], o["dilation"], (ho, wo)
             )
             if t.encoding in _RANS:  # indices gathered straight into the sgemm layout
                 codebook = self.spec.codebooks[t.codebook][1]

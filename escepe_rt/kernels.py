@@ -505,12 +505,27 @@ def runs_direct(cout: int, groups: int, dilation_w: int) -> bool:
     return _uses_panels(cout, groups) and dilation_w == 1
 
 
-def runs_winograd(cout: int, cin: int, groups: int, kernel, stride, dilation) -> bool:
+# Winograd's weights are 16/9 the size of the 3x3 kernel's. A conv with few output tiles per
+# sample, whose weights are too big to stay in cache between two forward passes, is bound by
+# streaming them from memory at batch 1, and then Winograd's bigger weights cost more than its
+# fewer multiplies save: ResNet-18 w64 at batch 1, dense, ran 6.0 ms/sample with every 3x3
+# stride-1 conv on Winograd, 5.4 with its 8x8x256 and 4x4x512 convs (4.2 and 16.8 MB of
+# Winograd weights) left direct, 6.4 with none (ad hoc, 3 alternating rounds). At batch 32 those
+# convs gain 1.6-2x on Winograd (3.6 vs 4.4 ms/sample), but keeping both forms would cost
+# ResNet-18 another 65 MB; batch 1 is this runtime's case. Small convs (Winograd weights up to
+# WINOGRAD_CACHED_BYTES) stay in cache and win at any map size (7x7x64 -> 64: 1.44x).
+WINOGRAD_MIN_TILES = 64  # 2x2 output tiles per sample: a 16x16 output map
+WINOGRAD_CACHED_BYTES = 1 << 20
+
+
+def runs_winograd(cout: int, cin: int, groups: int, kernel, stride, dilation, out_hw) -> bool:
     """Whether a conv runs Winograd F(2x2, 3x3) on the micro-kernels: ungrouped 3x3, stride 1,
     no dilation, input and output channels in whole LANES (the transforms work on whole
-    vectors). Measured ad hoc on one core of the 2-vCPU VM at batch 1 (scripts in /tmp): 32x32x64
-    -> 64 669 -> 392 us, 16x16x128 661 -> 359 us, 4x4x512 709 -> 528 us, 28x28x16 -> 16 34 ->
-    27 us."""
+    vectors), and either enough output tiles per sample (out_hw: the output map) or small
+    weights (see above). Measured ad hoc on the 2-vCPU VM at batch 1, 2 threads, through
+    make_conv: 32x32x64 -> 64 531 -> 283 us, 16x16x128 434 -> 223 us, 28x28x16 -> 16 1.15x,
+    14x14x32 1.17-1.22x."""
+    tiles = -(-out_hw[0] // 2) * -(-out_hw[1] // 2)
     return (
         WINOGRAD
         and _uses_panels(cout, groups)
@@ -519,6 +534,7 @@ def runs_winograd(cout: int, cin: int, groups: int, kernel, stride, dilation) ->
         and tuple(dilation) == (1, 1)
         and cin % _LANES == 0
         and cout % _LANES == 0
+        and (tiles >= WINOGRAD_MIN_TILES or 16 * cin * cout * 4 <= WINOGRAD_CACHED_BYTES)
     )
 
 

@@ -56,7 +56,6 @@ def test_transform_matrices_compute_the_conv():
 def test_winograd_conv_matches_numpy(case, epilogue):
     x, wt, sc, sf, res, act, ref = make_case(case, epilogue)
     stride, padding, dilation = case[6:]
-    assert K.runs_winograd(case[4], case[3], 1, case[5], stride, dilation)
     prepared = K.prepare_conv_weight(wt, 1, winograd=True)
     assert prepared.winograd
     got = K.conv2d(x, prepared, sc, sf, stride, padding, dilation, act, residual=res)
@@ -127,7 +126,7 @@ def test_winograd_shared_chunks_match_numpy(threads, monkeypatch):
 
 def test_winograd_only_where_it_applies():
     ok = dict(cout=32, cin=16, groups=1, kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
-    assert K.runs_winograd(**ok)
+    assert K.runs_winograd(**ok, out_hw=(4, 4))
     for change in (
         {"cout": 24},  # a partial channel block
         {"cin": 8},
@@ -137,7 +136,13 @@ def test_winograd_only_where_it_applies():
         {"stride": (2, 2)},
         {"dilation": (2, 2)},
     ):
-        assert not K.runs_winograd(**{**ok, **change}), change
+        assert not K.runs_winograd(**{**ok, **change}, out_hw=(32, 32)), change
+    # big weights (16.8 MB as Winograd's): only on maps with enough tiles per sample
+    big = {**ok, "cin": 512, "cout": 512}
+    assert not K.runs_winograd(**big, out_hw=(8, 8))
+    assert K.runs_winograd(**big, out_hw=(16, 16))
+    assert K.runs_winograd(**big, out_hw=(15, 15))  # 8 x 8 tiles
+    assert not K.runs_winograd(**big, out_hw=(14, 14))  # 7 x 7
     wt = np.ones((24, 16, 3, 3), np.float32)
     with pytest.raises(ValueError, match="Winograd needs a 3x3 conv"):
         K.prepare_conv_weight(wt, 1, winograd=True)
