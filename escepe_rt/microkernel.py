@@ -336,16 +336,24 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
     cp = epi.shape[0] // 2
     tb = min(256, max(8, WINOGRAD_BLOCK_FLOATS // (16 * (c + width)) // 8 * 8))
     tb = max(1, min(tb, t1 - t0))
-    v = np.empty((16, 1, tb, c), dtype=np.float32)
-    m = np.empty((16, 1, tb, width), dtype=np.float32)
-    offs = np.arange(16 * tb) * c  # row r of V[xi]: tile r, at (xi * tb + r) * c
-    coffs = np.arange(tb) * width
-    ibase = np.empty(tb, dtype=np.int64)  # each tile's 4x4 window in xp
-    window = np.empty(tb, dtype=np.int64)  # rows * 8 + columns of it inside the padded input
-    obase = np.empty(tb, dtype=np.int64)  # its top-left output pixel in out
-    part = np.empty(tb, dtype=np.int64)  # bit 0: has a right column, bit 1: a bottom row
-    edge = np.zeros(16 * c, dtype=np.float32)
-    qoffs = np.empty(4, dtype=np.int64)
+    # two allocations per call (a chunk is a few microseconds of work)
+    nv, nm = 16 * tb * c, 16 * tb * width
+    floats = np.empty(nv + nm + 16 * c, dtype=np.float32)
+    v = floats[:nv].reshape((16, 1, tb, c))
+    m = floats[nv : nv + nm].reshape((16, 1, tb, width))
+    edge = floats[nv + nm :]  # a window at xp's very end, zero-filled
+    ints = np.empty(21 * tb + 4, dtype=np.int64)
+    offs = ints[: 16 * tb]  # row r of V[xi]: tile r, at (xi * tb + r) * c
+    coffs = ints[16 * tb : 17 * tb]  # row r of M[xi]: at r * width
+    for r in range(16 * tb):
+        offs[r] = r * c
+    for r in range(tb):
+        coffs[r] = r * width
+    ibase = ints[17 * tb : 18 * tb]  # each tile's 4x4 window in xp
+    window = ints[18 * tb : 19 * tb]  # rows * 8 + columns of it inside the padded input
+    obase = ints[19 * tb : 20 * tb]  # its top-left output pixel in out
+    part = ints[20 * tb : 21 * tb]  # bit 0: has a right column, bit 1: a bottom row
+    qoffs = ints[21 * tb :]
     xf, vf, mf, of, rf = xp.ravel(), v.ravel(), m.ravel(), out.ravel(), res.ravel()
     row = wp * c
     tx = t0 % tw
@@ -452,16 +460,15 @@ def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total,
 def split(blocks, units, chunks, winograd):
     """(by_blocks, step, n): about `chunks` chunks of a conv for conv_chunk. Direct convs: channel
     blocks when there are enough of them (or too few pixels to share), else runs of whole
-    8-pixel tiles. Winograd convs: runs of whole 8-tile blocks whenever there are two (fewer
+    8-pixel tiles. Winograd convs: even runs of at least 8 tiles whenever there are two (fewer
     chunks rather than channel blocks: a chunk of channel blocks repeats the input transform of
     every tile; 7x7x64 -> 64 at batch 1, 16 tiles, ran slower than the direct kernels on 2
     threads cut in 4 channel chunks, faster in 2 tile chunks, ad hoc)."""
-    if winograd and units >= 16:
-        runs = min(chunks, units // 8)
-    elif winograd or units < 8 * chunks or blocks >= chunks:
+    if winograd and units >= 16:  # even runs (196 tiles: 49 each, not 56, 56, 56, 28)
+        step = -(-units // min(chunks, units // 8))
+        return False, step, -(-units // step)
+    if winograd or units < 8 * chunks or blocks >= chunks:
         step = -(-blocks // min(blocks, chunks))
         return True, step, -(-blocks // step)
-    else:
-        runs = chunks
-    step = -(-units // (runs * 8)) * 8
+    step = -(-units // (chunks * 8)) * 8
     return False, step, -(-units // step)
