@@ -46,10 +46,12 @@ def _phis(builder, ty, values, block) -> list:
     return phis
 
 
-def _make_tile(rows: int, epilogue: bool = True):
-    """An intrinsic computing one tile of `rows` output pixels x LANES channels, epilogue
+def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES):
+    """An intrinsic computing one tile of `rows` output pixels x `lanes` channels, epilogue
     included (on the registers, before the one store; without `epilogue`, the sums are stored
-    as they are and epi, res, ep are not read: Winograd's products):
+    as they are and epi, res, ep are not read: Winograd's products). lanes = LANES / 2 reads
+    the first half of each panel row and stores half vectors (convs of exactly LANES / 2
+    output channels, which full vectors would compute twice over):
 
         acc = sum over ky < kh, k < krow of
             a[offs[o0 + r] + ky*a_ky + k] * b[b_off + (ky*krow + k)*LANES : +LANES]
@@ -70,7 +72,7 @@ def _make_tile(rows: int, epilogue: bool = True):
 
         def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
-            vty = ir.VectorType(ir.FloatType(), LANES)
+            vty = ir.VectorType(ir.FloatType(), lanes)
             vptr = vty.as_pointer()
             ptr_a = context.make_array(signature.args[0])(context, builder, args[0]).data
             ptr_o = context.make_array(signature.args[1])(context, builder, args[1]).data
@@ -82,10 +84,10 @@ def _make_tile(rows: int, epilogue: bool = True):
                 for i in (2, 3, 4, 5, 7, 10, 11)
             )
             fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.v{LANES}f32"
+                builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.v{lanes}f32"
             )
             undef = ir.Constant(vty, ir.Undefined)
-            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
             zero = ir.Constant(vty, None)
             a_base = [
                 builder.load(builder.gep(ptr_o, [builder.add(o0, ir.Constant(i64, r))]))
@@ -105,8 +107,8 @@ def _make_tile(rows: int, epilogue: bool = True):
             accs_ky = _phis(builder, vty, [zero] * rows, entry)
             a_ky_off = builder.mul(ky, a_ky)
             a_rows = [builder.gep(ptr_a, [builder.add(a_base[r], a_ky_off)]) for r in range(rows)]
-            lanes = ir.Constant(i64, LANES)
-            b_ky_off = builder.add(b_off, builder.mul(builder.mul(ky, krow), lanes))
+            row_len = ir.Constant(i64, LANES)  # a panel row: LANES floats whatever the tile width
+            b_ky_off = builder.add(b_off, builder.mul(builder.mul(ky, krow), row_len))
             builder.cbranch(builder.icmp_signed("<", ky, kh), k_head, done)
 
             builder.position_at_end(k_head)  # for k in range(krow)
@@ -162,12 +164,12 @@ def _make_tile(rows: int, epilogue: bool = True):
             is_relu6 = builder.icmp_signed("==", act, ir.Constant(i64, 2))
             fma_ = fma
             vmax = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.v{LANES}f32"
+                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.v{lanes}f32"
             )
             vmin = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.minnum.v{LANES}f32"
+                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.minnum.v{lanes}f32"
             )
-            six = ir.Constant(vty, [6.0] * LANES)
+            six = ir.Constant(vty, [6.0] * lanes)
             for r in range(rows):
                 at = builder.add(c0, ir.Constant(i64, r))
                 off = builder.add(builder.load(builder.gep(ptr_co, [at])), c_add)
@@ -193,6 +195,10 @@ _sums8 = _make_tile(8, epilogue=False)
 _sums4 = _make_tile(4, epilogue=False)
 _sums2 = _make_tile(2, epilogue=False)
 _sums1 = _make_tile(1, epilogue=False)
+_half8 = _make_tile(8, lanes=LANES // 2)
+_half4 = _make_tile(4, lanes=LANES // 2)
+_half2 = _make_tile(2, lanes=LANES // 2)
+_half1 = _make_tile(1, lanes=LANES // 2)
 
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -259,7 +265,8 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     # The scratches are 4-D like out and res and each tile width has one call site, so the
     # tiles compile once (numba's cold-cache compile time tripled with a second, 2-D
     # instantiation); they are empty when every block is full.
-    scratch_rows = 8 if cout % LANES else 0
+    half = cout == LANES // 2  # half-width tiles: exact stores, no scratch
+    scratch_rows = 8 if cout % LANES and not half else 0
     tmp = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
     tmp_res = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
     tmp_outs = np.arange(scratch_rows) * LANES
@@ -275,6 +282,20 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
         i = 0
         while i < npx:
             rows = min(8, npx - i)
+            if half:
+                if rows >= 8:
+                    _half8(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
+                    i += 8
+                elif rows >= 4:
+                    _half4(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
+                    i += 4
+                elif rows >= 2:
+                    _half2(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
+                    i += 2
+                else:
+                    _half1(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
+                    i += 1
+                continue
             direct = valid == LANES or (cout < LANES and i + rows < npx)
             if direct:
                 c, c_offs, c0, c_add, r_in = out, outs, i, cb, res
