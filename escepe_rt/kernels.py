@@ -881,14 +881,16 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     units = microkernel.work(args[7], n, ho, wo)
     pool = parallel.POOL
     macs = n * ho * wo * cout * w.kh * w.kw * xp.shape[3]
+    # every call from Python enters through conv_chunk (the whole conv: one chunk of every
+    # block): each numba entry point compiles its own copy of the kernels on a cold cache
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
-        microkernel.conv_range(*args, 0, blocks, 0, units)
+        microkernel.conv_chunk(*args, True, blocks, units, 0)
         return
     if pool.threads == 2 or macs < PARALLEL_MIN_MACS:
         # the caller + one spinning worker, handed over without the GIL (escepe_rt/spinpool.py)
         by_blocks, step, n_chunks = microkernel.split(blocks, units, 4, w.winograd)
         if not spinpool.PAIR.run(args, by_blocks, step, units, n_chunks):
-            microkernel.conv_range(*args, 0, blocks, 0, units)  # worker busy: run alone
+            microkernel.conv_chunk(*args, True, blocks, units, 0)  # worker busy: run alone
         return
     by_blocks, step, n_chunks = microkernel.split(blocks, units, 2 * pool.threads, w.winograd)
     pool.run(lambda i: microkernel.conv_chunk(*args, by_blocks, step, units, i), n_chunks)
