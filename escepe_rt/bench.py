@@ -179,6 +179,7 @@ def benchmark(
         # None: batches up to executor.PROGRAM_MAX_BATCH run as section programs
         "programs_unavailable": m_ee._executor.program_unavailable,
         "program_max_batch": m_ee._executor._program_max_batch,
+        "conv_kernels": conv_kernels(m_ee),
         "latency": latency,
         "exit_histogram": {
             "samples": int(len(x)),
@@ -190,6 +191,33 @@ def benchmark(
         "peak_rss_mb": _peak_rss_mb(),
         "rss_at_start_mb": rss_start,
     }
+
+
+def conv_kernels(model) -> dict[str, int]:
+    """How many of a loaded (eager) model's convs run on each kernel: Winograd, the direct
+    micro-kernels, depthwise, or im2col + sgemm (grouped convs, Cout < 8, width dilation)."""
+    from escepe_rt import kernels
+    from escepe_rt._fbs.OpCode import OpCode
+
+    ex = model._executor
+    counts = dict.fromkeys(("winograd", "direct", "depthwise", "im2col_sgemm"), 0)
+    for s, (begin, end) in enumerate(model.spec.sections):
+        params = ex.section_params(s)
+        for i in range(begin, end):
+            node = model.spec.nodes[i]
+            if node.op != OpCode.CONV2D:
+                continue
+            w = params[i]["weight"]
+            dilation_w = node.options["conv"]["dilation"][1]
+            if w.winograd:
+                counts["winograd"] += 1
+            elif w.panels is not None and kernels.runs_direct(w.Cout, w.groups, dilation_w):
+                counts["direct"] += 1
+            elif w.depthwise:
+                counts["depthwise"] += 1
+            else:
+                counts["im2col_sgemm"] += 1
+    return counts
 
 
 def _weight_bytes(p: dict) -> int:
@@ -233,6 +261,10 @@ def format_report(r: dict) -> str:
         if why is None
         else f"\nsection programs off ({why}): every batch runs the step lists"
     )
+    kinds = r.get("conv_kernels")
+    if kinds:
+        named = (f"{n} {kind.replace('_', ' + ')}" for kind, n in kinds.items())
+        lines.append("convs: " + ", ".join(named))
     h = r["exit_histogram"]
     frac = ", ".join(f"{f:.0%}" for f in h["fractions"])
     thr = ", ".join(f"{t:.4g}" for t in r["thresholds"])
