@@ -118,8 +118,6 @@ def test_direct_conv_reads_and_writes_inside_borders(case, split, b_out):
     a wider zero border (geom's origin), the output and residual written inside a border of
     b_out pixels (geom's pad_out) == the numpy reference, with every border left zero (partial
     panels spill whole vectors into the next pixel, which may be border)."""
-    from escepe_rt import microkernel, spinpool
-
     x, wt, sc, sf, res, act, ref = make_case(case, "residual_relu6", seed_offset=b_out)
     (sh, sw), (ph, pw), (dh, _) = case[6:]
     kh, kw = case[5]
@@ -132,16 +130,28 @@ def test_direct_conv_reads_and_writes_inside_borders(case, split, b_out):
     cout = ref.shape[3]
     epi = K._direct_epilogue(np.ones(cout, np.float32), np.zeros(cout, np.float32), 1, 1, cout)
     args = (xb, panels, out, resb, True, epi, act, (kh, kw, sh, sw, dh, origin, b_out, 0))
-    blocks, pixels = panels.shape[0], ref[..., 0].size
+    run_split(args, split, panels.shape[0], ref[..., 0].size, winograd=False)
+    check_inside_border(out, b_out, ref)
+
+
+def run_split(args: tuple, split: str, blocks: int, units: int, winograd: bool) -> None:
+    """A conv (microkernel.conv_range's arguments without the ranges) run whole, in chunks in
+    reverse order, or shared with the spinning worker ("whole", "chunks", "pair")."""
+    from escepe_rt import microkernel, spinpool
+
     if split == "whole":
-        microkernel.conv_direct(*args, 0, blocks, 0, pixels)
+        microkernel.conv_range(*args, 0, blocks, 0, units)
+        return
+    by_blocks, step, n = microkernel.split(blocks, units, 4, winograd)
+    if split == "pair":
+        assert spinpool.PAIR.run(args, by_blocks, step, units, n)
     else:
-        by_blocks, step, n = microkernel.split(blocks, pixels, 4, False)
-        if split == "pair":
-            assert spinpool.PAIR.run(args, by_blocks, step, pixels, n)
-        else:
-            for i in reversed(range(n)):  # another order than the pair's
-                microkernel.conv_chunk(*args, by_blocks, step, pixels, i)
+        for i in reversed(range(n)):  # another order than the pair's
+            microkernel.conv_chunk(*args, by_blocks, step, units, i)
+
+
+def check_inside_border(out: np.ndarray, b_out: int, ref: np.ndarray) -> None:
+    """out's interior == ref, and its border of b_out pixels left zero."""
     inner = out[:, b_out : out.shape[1] - b_out, b_out : out.shape[2] - b_out]
     np.testing.assert_allclose(inner, ref, rtol=0, atol=2e-5 * max(1.0, float(np.abs(ref).max())))
     border = out.copy()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_direct_conv import _bordered, make_case
+from test_direct_conv import _bordered, check_inside_border, make_case, run_split
 
 from escepe_rt import kernels as K
-from escepe_rt import microkernel, parallel, spinpool, winograd
+from escepe_rt import microkernel, parallel, winograd
 
 WINOGRAD_CASES = [
     # (n, h, w, cin, cout, (kh, kw), stride, padding, dilation): 3x3, stride 1
@@ -90,21 +90,8 @@ def test_winograd_reads_and_writes_inside_borders_whatever_the_split(case, b_out
     outs = []
     for split in ("whole", "chunks", "pair"):
         out = _bordered(np.full(ref.shape, np.nan, np.float32), b_out)
-        args = (xb, u, out, resb, True, epi, act, geom)
-        if split == "whole":
-            microkernel.conv_range(*args, 0, blocks, 0, units)
-        else:
-            by_blocks, step, n = microkernel.split(blocks, units, 4, True)
-            if split == "pair":
-                assert spinpool.PAIR.run(args, by_blocks, step, units, n)
-            else:
-                for i in reversed(range(n)):
-                    microkernel.conv_chunk(*args, by_blocks, step, units, i)
-        inner = out[:, b_out : out.shape[1] - b_out, b_out : out.shape[2] - b_out]
-        np.testing.assert_allclose(inner, ref, rtol=0, atol=_tol(ref))
-        border = out.copy()
-        border[:, b_out : out.shape[1] - b_out, b_out : out.shape[2] - b_out] = 0.0
-        assert not border.any(), f"{split}: a conv wrote into its output's border"
+        run_split((xb, u, out, resb, True, epi, act, geom), split, blocks, units, winograd=True)
+        check_inside_border(out, b_out, ref)
         outs.append(out)
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
