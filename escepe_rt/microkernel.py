@@ -359,9 +359,10 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
     tb = max(1, min(tb, t1 - t0))
     # two allocations per call (a chunk is a few microseconds of work)
     nv, nm = 16 * tb * c, 16 * tb * width
+    # (flat views: a reshape would compile numba's shape-error path, ~2 s of a cold cache)
     floats = np.empty(nv + nm + 16 * c, dtype=np.float32)
-    v = floats[:nv].reshape((16, 1, tb, c))
-    m = floats[nv : nv + nm].reshape((16, 1, tb, width))
+    vf = floats[:nv]  # V[xi] of tile r at (xi * tb + r) * c
+    mf = floats[nv : nv + nm]  # M[xi] of tile r at (xi * tb + r) * width
     edge = floats[nv + nm :]  # a window at xp's very end, zero-filled
     ints = np.empty(21 * tb + 4, dtype=np.int64)
     offs = ints[: 16 * tb]  # row r of V[xi]: tile r, at (xi * tb + r) * c
@@ -375,7 +376,7 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
     obase = ints[19 * tb : 20 * tb]  # its top-left output pixel in out
     part = ints[20 * tb : 21 * tb]  # bit 0: has a right column, bit 1: a bottom row
     qoffs = ints[21 * tb :]
-    xf, vf, mf, of, rf = xp.ravel(), v.ravel(), m.ravel(), out.ravel(), res.ravel()
+    xf, of, rf = xp.ravel(), out.ravel(), res.ravel()
     row = wp * c
     tx = t0 % tw
     q = t0 // tw
@@ -407,8 +408,9 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
                 edge[:] = 0.0
                 for y in range(rows):
                     for x in range(cols):
-                        at = base + y * row + x * c
-                        edge[(y * 4 + x) * c : (y * 4 + x + 1) * c] = xf[at : at + c]
+                        at, to = base + y * row + x * c, (y * 4 + x) * c
+                        for ch in range(c):  # (a slice assignment compiles numba's
+                            edge[to + ch] = xf[at + ch]  # shape-error path: ~2 s cold)
                 src, base, step = edge, 0, 4 * c
             for ch in range(0, c, LANES):
                 winograd.input_tile(src, base + ch, step, c, vf, k * c + ch, tb * c)
@@ -421,16 +423,16 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
                 while i < nt:
                     o0 = xi * tb + i
                     if nt - i >= 8:
-                        _sums8(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
+                        _sums8(vf, offs, o0, 1, 0, c, u, b_off, mf, coffs, i, c_add, mf, mf, ep)
                         i += 8
                     elif nt - i >= 4:
-                        _sums4(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
+                        _sums4(vf, offs, o0, 1, 0, c, u, b_off, mf, coffs, i, c_add, mf, mf, ep)
                         i += 4
                     elif nt - i >= 2:
-                        _sums2(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
+                        _sums2(vf, offs, o0, 1, 0, c, u, b_off, mf, coffs, i, c_add, mf, mf, ep)
                         i += 2
                     else:
-                        _sums1(v, offs, o0, 1, 0, c, u, b_off, m, coffs, i, c_add, m, m, ep)
+                        _sums1(vf, offs, o0, 1, 0, c, u, b_off, mf, coffs, i, c_add, mf, mf, ep)
                         i += 1
         for k in range(nt):  # Y = A^T M A, epilogue, store
             ob, p = obase[k], part[k]
