@@ -446,7 +446,7 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
                 winograd.output_tile(mf, m_at, tb * width, epi, ep, rf, of, qoffs)
 
 
-@_jit
+@numba.njit(cache=True, nogil=True, inline="always")  # into conv_chunk and programs
 def conv_range(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     """Channel blocks [b0, b1) of work units [m0, m1) of a conv: output pixels on the direct
     kernels, or 2x2 output tiles on Winograd weights (geom[7] = 1, see conv_winograd)."""

@@ -138,7 +138,7 @@ BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 27, DESC + 28, DESC + 29, DESC + 30
 CTRL_WORDS = DESC + 32
 
 
-@_jit
+@numba.njit(cache=True, nogil=True, inline="always")  # into _run_job and _serve
 def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
     """Claim chunks of job `seq` until none is left; each chunk is `step` channel blocks
     (by_blocks) or `step` of the `total` work units (pixels, or Winograd tiles). NEXT holds
