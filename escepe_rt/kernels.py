@@ -512,8 +512,9 @@ def runs_direct(cout: int, groups: int, dilation_w: int) -> bool:
 # stride-1 conv on Winograd, 5.4 with its 8x8x256 and 4x4x512 convs (4.2 and 16.8 MB of
 # Winograd weights) left direct, 6.4 with none (ad hoc, 3 alternating rounds). At batch 32 those
 # convs gain 1.6-2x on Winograd (3.6 vs 4.4 ms/sample), but keeping both forms would cost
-# ResNet-18 another 65 MB; batch 1 is this runtime's case. Small convs (Winograd weights up to
-# WINOGRAD_CACHED_BYTES) stay in cache and win at any map size (7x7x64 -> 64: 1.44x).
+# ResNet-18 another ~65 MB (their Winograd weights; estimated); batch 1 is this runtime's case.
+# Small convs (Winograd weights up to WINOGRAD_CACHED_BYTES) stay in cache and win at any map
+# size (7x7x64 -> 64: 1.44x).
 WINOGRAD_MIN_TILES = 64  # 2x2 output tiles per sample: a 16x16 output map
 WINOGRAD_CACHED_BYTES = 1 << 20
 
