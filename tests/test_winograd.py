@@ -23,6 +23,8 @@ WINOGRAD_CASES = [
     (1, 4, 4, 128, 256, (3, 3), (1, 1), (1, 1), (1, 1)),  # more channel blocks than tiles
     (2, 13, 6, 16, 48, (3, 3), (1, 1), (1, 1), (1, 1)),  # 7x3 tiles per image
     (1, 6, 6, 256, 16, (3, 3), (1, 1), (1, 1), (1, 1)),  # long reduction
+    (2, 9, 6, 16, 16, (3, 3), (1, 1), (1, 0), (1, 1)),  # asymmetric padding: 9x4 out
+    (1, 5, 8, 32, 16, (3, 3), (1, 1), (0, 2), (1, 1)),  # 3x10 out
 ]
 EPILOGUES = ["none", "scale_shift_relu", "residual_relu6"]
 
