@@ -160,6 +160,11 @@ def test_programs_ran_and_shared_convs_with_the_worker(models):
     assert set(built) == {(s, False) for s in range(last)} | {(last, True)}
     ops = np.concatenate([p.code[:, 0] for p in built.values()])
     assert {program.OP_CONV, program.OP_GAP, program.OP_LINEAR} <= set(ops)
+    # the dense pass runs the body convs of the Winograd kind (exit heads excluded): 4 + 3 + 3
+    # + 3 (tests/test_bench.py counts every conv)
+    rows = np.concatenate([p.code for p in built.values()])
+    kinds = rows[rows[:, 0] == program.OP_CONV, 29]
+    assert np.count_nonzero(kinds == 1) == 13
     if parallel.POOL.threads == 2:  # the 28x28x16 3x3 convs are shared with the worker
         before = spinpool.PAIR._seq
         prog.predict(x, [2.0] * len(m.spec.exits), m.policy)
