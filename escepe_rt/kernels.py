@@ -60,8 +60,12 @@ _F32 = np.float32
 DIRECT_CONV = os.environ.get("ESCEPE_DIRECT_CONV", "1").strip() != "0"
 # 3x3 stride-1 convs with channel counts in whole LANES run Winograd F(2x2, 3x3) on the same
 # micro-kernels (escepe_rt/winograd.py); the weight is prepared for it when the executor knows
-# the conv's stride. ESCEPE_WINOGRAD=0 keeps them on the direct kernels.
-WINOGRAD = os.environ.get("ESCEPE_WINOGRAD", "1").strip() != "0"
+# the conv's stride and map size (runs_winograd). ESCEPE_WINOGRAD=0 keeps them on the direct
+# kernels; ESCEPE_WINOGRAD=all runs every eligible conv on Winograd, also those whose big
+# weights make it slower at batch 1 (for batched throughput; more memory).
+_WINOGRAD_ENV = os.environ.get("ESCEPE_WINOGRAD", "1").strip().lower()
+WINOGRAD = _WINOGRAD_ENV != "0"
+WINOGRAD_ALL = _WINOGRAD_ENV == "all"
 _EMPTY = np.empty(0, dtype=_F32)
 
 # Row-parallel kernels are written with prange but compiled serially: numba's OpenMP pool
@@ -535,7 +539,11 @@ def runs_winograd(cout: int, cin: int, groups: int, kernel, stride, dilation, ou
         and tuple(dilation) == (1, 1)
         and cin % _LANES == 0
         and cout % _LANES == 0
-        and (tiles >= WINOGRAD_MIN_TILES or 16 * cin * cout * 4 <= WINOGRAD_CACHED_BYTES)
+        and (
+            WINOGRAD_ALL
+            or tiles >= WINOGRAD_MIN_TILES
+            or 16 * cin * cout * 4 <= WINOGRAD_CACHED_BYTES
+        )
     )
 
 

@@ -113,7 +113,7 @@ def test_winograd_shared_chunks_match_numpy(threads, monkeypatch):
             np.testing.assert_allclose(got, ref, rtol=0, atol=_tol(ref))
 
 
-def test_winograd_only_where_it_applies():
+def test_winograd_only_where_it_applies(monkeypatch):
     ok = dict(cout=32, cin=16, groups=1, kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
     assert K.runs_winograd(**ok, out_hw=(4, 4))
     for change in (
@@ -132,6 +132,11 @@ def test_winograd_only_where_it_applies():
     assert K.runs_winograd(**big, out_hw=(16, 16))
     assert K.runs_winograd(**big, out_hw=(15, 15))  # 8 x 8 tiles
     assert not K.runs_winograd(**big, out_hw=(14, 14))  # 7 x 7
+    monkeypatch.setattr(K, "WINOGRAD_ALL", True)  # ESCEPE_WINOGRAD=all: batched throughput
+    assert K.runs_winograd(**big, out_hw=(4, 4))
+    assert not K.runs_winograd(**{**big, "stride": (2, 2)}, out_hw=(4, 4))
+    monkeypatch.setattr(K, "WINOGRAD", False)  # ESCEPE_WINOGRAD=0
+    assert not K.runs_winograd(**ok, out_hw=(32, 32))
     wt = np.ones((24, 16, 3, 3), np.float32)
     with pytest.raises(ValueError, match="Winograd needs a 3x3 conv"):
         K.prepare_conv_weight(wt, 1, winograd=True)
