@@ -343,7 +343,8 @@ def profile_escepe(path: str, data, runs: int) -> dict:
     numba kernels the conv calls (im2col, epilogue, depthwise); with escepe_rt's own threads
     these sub-step times are summed over threads (CPU-like), so they can exceed the conv's wall
     time; "sgemm+rest" is the conv's wall time minus them (only for convs with such sub-steps:
-    direct micro-kernel convs have none). GFLOP/s counts 2 x MACs.
+    direct micro-kernel convs have none). GFLOP/s counts 2 x MACs of the direct conv (a
+    "winograd" conv does fewer multiplies: its figure is the direct conv's equivalent).
     """
     acc: dict[str, list[float]] = {}  # key -> [seconds, flops, calls]
     state = {"conv": None}
@@ -387,7 +388,7 @@ def profile_escepe(path: str, data, runs: int) -> dict:
             flops = 0.0
             if node.op == OpCode.CONV2D:
                 w = ex.section_params(node.section)[i]["weight"]
-                kind = "dw" if w.depthwise else ""
+                kind = "dw" if w.depthwise else " winograd" if w.winograd else ""
                 st = node.options["conv"]["stride"]
                 fused = "+add" if i in ex._fused else ""
                 key = f"CONV2D {w.kh}x{w.kw}{kind}{' s2' if max(st) > 1 else ''}{fused}"
