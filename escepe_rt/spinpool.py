@@ -17,7 +17,9 @@ acquire/release operations, so it is right on ARM's weak memory model too):
             compare-and-swap, so a worker descheduled mid-job delays one chunk, not the caller,
             and a worker late for a job can never claim a chunk of the next one
     DONE    chunks finished (fetch-add after each chunk; the caller waits for all)
-    DESC..  the job's descriptor (written before POSTED; read after it with acquire)
+    DESC..  the job's descriptor (written before POSTED; read after it with acquire). Before
+            rewriting it the caller moves NEXT to the new tag with no chunk left (then a
+            release fence), so a worker still reading an older job's words claims nothing
 
 `_run_job` (the caller, GIL released) writes the descriptor, stores POSTED, takes chunks until
 none is left and spins until DONE == chunks. The worker (`_serve`) spins until POSTED moves,
@@ -101,6 +103,19 @@ def _fetch_add(typingctx, arr, i, v):
     return types.int64(arr, i, v), codegen
 
 
+@intrinsic
+def _fence(typingctx, release):
+    """A release fence (release True) or an acquire fence, as a literal choice."""
+    if not isinstance(release, types.BooleanLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.fence("release" if release.literal_value else "acquire")
+        return context.get_dummy_value()
+
+    return types.void(release), codegen
+
+
 _jit = numba.njit(cache=True, nogil=True)
 
 
@@ -155,12 +170,27 @@ def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks,
         _fetch_add(ctrl, DONE, 1)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _begin_job(ctrl, seq):
+    """Before the caller rewrites the descriptor for job `seq`: the chunk counter gets the new
+    tag with no chunk left, then a release fence. A worker late for the previous job (it read
+    POSTED, then was descheduled) may read some of the new descriptor's words; its acquire
+    fence after them (see _take_described) then guarantees it sees this tag, so it claims
+    nothing with them. Without this, the counter still carried the old tag while the words
+    changed: a late worker could claim a chunk index past the old job's last one, valid in a
+    new job with more chunks, and run it on half-written arrays."""
+    _store(ctrl, NEXT, (seq << TAG) | CHUNK_MASK)
+    _fence(True)
+
+
 @_jit
 def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
-    """The caller's side: describe job `seq` in ctrl, publish it (chunk counter and DONE reset
-    first, POSTED last, with release: the worker that reads POSTED sees the descriptor), take
-    chunks, then wait for the chunks the worker took (DONE only counts chunks of this job: the
-    caller publishes no new job, and frees none of these arrays, before this one is complete)."""
+    """The caller's side: describe job `seq` in ctrl (after _begin_job), publish it (chunk
+    counter and DONE reset first, POSTED last, with release: the worker that reads POSTED sees
+    the descriptor), take chunks, then wait for the chunks the worker took (DONE only counts
+    chunks of this job: the caller publishes no new job, and frees none of these arrays,
+    before this one is complete)."""
+    _begin_job(ctrl, seq)
     ctrl[XP] = _address(xp)
     ctrl[W] = _address(w)
     ctrl[OUT] = _address(out)
@@ -191,8 +221,9 @@ def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, ste
 @numba.njit(cache=True, nogil=True, inline="always")  # one caller, _serve (compile time)
 def _take_described(ctrl, seq):
     """The worker's side of job `seq`, from its descriptor. If the caller has already finished
-    the job (and maybe written the next one's descriptor), the arrays built here may be stale,
-    but then every claim fails on the sequence tag and nothing is read through them."""
+    the job (and maybe written some of the next one's descriptor), the arrays built here may be
+    stale, but then every claim fails on the sequence tag (the acquire fence below pairs with
+    _begin_job's release fence) and nothing is read through them."""
     xp_shape = (ctrl[XP_SHAPE], ctrl[XP_SHAPE + 1], ctrl[XP_SHAPE + 2], ctrl[XP_SHAPE + 3])
     out_shape = (ctrl[OUT_SHAPE], ctrl[OUT_SHAPE + 1], ctrl[OUT_SHAPE + 2], ctrl[OUT_SHAPE + 3])
     w_shape = (ctrl[W_SHAPE], ctrl[W_SHAPE + 1], ctrl[W_SHAPE + 2])
@@ -206,6 +237,7 @@ def _take_described(ctrl, seq):
     has_res = ctrl[HAS_RES] != 0
     by_blocks = ctrl[BY_BLOCKS] != 0
     act, step, total, n = ctrl[ACT], ctrl[STEP], ctrl[TOTAL], ctrl[CHUNKS]
+    _fence(False)
     _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
 
 

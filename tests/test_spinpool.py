@@ -86,3 +86,17 @@ def test_chunk_claims_are_tagged_with_the_job():
     spinpool._take_chunks(ctrl, 5, *args, True, 1, out[..., 0].size, 3)
     assert ctrl[spinpool.NEXT] == (5 << spinpool.TAG) + 3 and ctrl[spinpool.DONE] == 3
     np.testing.assert_array_equal(out, _reference(args, out))
+
+
+def test_a_late_worker_claims_nothing_once_the_next_job_has_begun():
+    """Job 5 had 3 chunks, all taken; the caller begins job 6 (which will have more chunks)
+    and starts rewriting the descriptor. A worker still holding job 5 that has read the new
+    chunk count must claim nothing: index 3 is past job 5's chunks but valid in job 6."""
+    args, out = _conv(7)
+    ctrl = np.zeros(8, dtype=np.int64)
+    ctrl[spinpool.NEXT] = (5 << spinpool.TAG) + 3  # job 5: its 3 chunks taken
+    spinpool._begin_job(ctrl, 6)
+    out[...] = -1.0
+    spinpool._take_chunks(ctrl, 5, *args, True, 1, out[..., 0].size, 10)  # the late worker
+    assert ctrl[spinpool.DONE] == 0 and (out == -1.0).all()
+    assert ctrl[spinpool.NEXT] >> spinpool.TAG == 6
