@@ -891,7 +891,7 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     pool = parallel.POOL
     macs = n * ho * wo * cout * w.kh * w.kw * xp.shape[3]
     # every call from Python enters through conv_chunk (the whole conv: one chunk of every
-    # block): each numba entry point compiles its own copy of the kernels on a cold cache
+    # block): one numba entry point fewer to compile on a cold cache
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
         microkernel.conv_chunk(*args, True, blocks, units, 0)
         return
