@@ -11,14 +11,15 @@ applied before the one store. Lavin & Gray, "Fast Algorithms for Convolutional N
 Networks" (2016); the matrices below are theirs.
 
 The price: U is 16/9 the size of the 3x3 weight (the runtime keeps only U for these convs),
-the transforms are extra passes over small per-chunk scratch buffers, and the error grows a
-little (the transforms add and subtract up to 9 terms: ~1e-5 relative on random weights; the
-tests compare with PyTorch at the runtime's usual tolerance).
+the transforms are extra passes over small per-chunk scratch buffers, and the rounding error
+grows a little (the transforms add and subtract several terms; on random data the outputs
+differ from the direct kernels' by up to ~1e-6 of their largest magnitude, ad hoc; the tests
+compare with a float64 reference and with PyTorch at the runtime's usual tolerance).
 
 The input and output transforms are written in LLVM IR on <LANES x float> vectors (numba
 intrinsics, as the micro-kernels): a plain numba loop over channels touches 16 input and 16
 output streams at once, more than LLVM's vectoriser will check for aliasing, so it stayed
-scalar (a prototype ran ~8x slower).
+scalar (a prototype's input transform of a 28x28x16 map took 74 us, this one ~7, ad hoc).
 """
 
 from __future__ import annotations
