@@ -886,7 +886,7 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
         act,
         (w.kh, w.kw, sh, sw, dh, 0, 0, int(w.winograd)),  # no border on xp's own, none on out
     )
-    blocks = w.Cout // _LANES if w.winograd else w.panels.shape[0]
+    blocks = -(-cout // _LANES)  # channel blocks, whatever the kind of weights
     units = microkernel.work(args[7], n, ho, wo)
     pool = parallel.POOL
     macs = n * ho * wo * cout * w.kh * w.kw * xp.shape[3]

@@ -32,6 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from escepe_rt import winograd
+from escepe_rt.vector_ir import Epilogue
 
 LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
@@ -151,35 +152,11 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES):
             # epilogue: epi = [scale (cp), shift (cp)] flat; ep = (cb, cp, has_res, act)
             ptr_e = context.make_array(signature.args[12])(context, builder, args[12]).data
             ptr_r = context.make_array(signature.args[13])(context, builder, args[13]).data
-            cb, cp, has_res, act = cgutils.unpack_tuple(builder, args[14], 4)
-            cb, cp, has_res, act = (
-                context.cast(builder, v, t, types.int64)
-                for v, t in zip((cb, cp, has_res, act), signature.args[14].types)
-            )
-            sc = builder.load(builder.bitcast(builder.gep(ptr_e, [cb]), vptr), align=4)
-            sf_at = builder.gep(ptr_e, [builder.add(cp, cb)])
-            sf = builder.load(builder.bitcast(sf_at, vptr), align=4)
-            use_res = builder.icmp_signed("!=", has_res, ir.Constant(i64, 0))
-            is_relu = builder.icmp_signed("==", act, ir.Constant(i64, 1))
-            is_relu6 = builder.icmp_signed("==", act, ir.Constant(i64, 2))
-            fma_ = fma
-            vmax = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.v{lanes}f32"
-            )
-            vmin = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.minnum.v{lanes}f32"
-            )
-            six = ir.Constant(vty, [6.0] * lanes)
+            epi_ops = Epilogue(context, builder, vty, ptr_e, args[14], signature.args[14])
             for r in range(rows):
                 at = builder.add(c0, ir.Constant(i64, r))
                 off = builder.add(builder.load(builder.gep(ptr_co, [at])), c_add)
-                v = builder.call(fma_, [accs_ky[r], sc, sf])
-                rv = builder.load(builder.bitcast(builder.gep(ptr_r, [off]), vptr), align=4)
-                v = builder.fadd(v, builder.select(use_res, rv, zero))
-                relu = builder.call(vmax, [v, zero])
-                v = builder.select(is_relu, relu, v)
-                v = builder.select(is_relu6, builder.call(vmin, [relu, six]), v)
-                builder.store(v, builder.bitcast(builder.gep(ptr_c, [off]), vptr), align=4)
+                epi_ops.store(accs_ky[r], ptr_r, ptr_c, off)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -468,7 +445,7 @@ def work(geom, n, ho, wo):
 def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i):
     """Chunk i of a conv cut for threads: `step` channel blocks (by_blocks) or `step` of the
     `total` work units (conv_range's other arguments as there)."""
-    blocks = w.shape[0] // 16 if geom[7] else w.shape[0]
+    blocks = -(-out.shape[3] // LANES)  # channel blocks, whatever the kind of weights
     lo = i * step
     # one call site, no literal arguments: each would compile the kernels once more (a
     # literal 0 is its own type to numba), tripling the cold-cache compile time

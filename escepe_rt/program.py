@@ -359,7 +359,7 @@ def _conv(ins, base, cap, n, ctrl, seq, shared):
     epi = numba.carray(spinpool._f32_ptr(ins[14]), (ins[15],))
     act = ins[16]
     geom = (ins[17], ins[18], ins[19], ins[20], ins[21], ins[22], ins[23], ins[29])
-    blocks = ins[11] // 16 if ins[29] else ins[11]  # Winograd weights: 16 matrices per block
+    blocks = -(-cout // microkernel.LANES)  # channel blocks, whatever the kind of weights
     has_res = ins[9] >= 0
     res_at = ins[9] * cap if has_res else out_at
     ho, wo = hq - 2 * ins[23], wq - 2 * ins[23]

@@ -28,10 +28,12 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
+from escepe_rt.vector_ir import Epilogue, array_ptr, vector_at
+
 LANES = 16  # channels per vector (microkernel.LANES)
+VECTOR = ir.VectorType(ir.FloatType(), LANES)
 
 # F(2x2, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -75,10 +77,6 @@ def weights_of(panels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _array_ptr(context, builder, sig, args, i):
-    return context.make_array(sig.args[i])(context, builder, args[i]).data
-
-
 def _ints(context, builder, sig, args, which):
     return [context.cast(builder, args[i], sig.args[i], types.int64) for i in which]
 
@@ -102,8 +100,7 @@ def _at(builder, a):
 
 
 def _vec_at(builder, ptr, at):
-    vptr = ir.VectorType(ir.FloatType(), LANES).as_pointer()
-    return builder.bitcast(builder.gep(ptr, [at]), vptr)
+    return vector_at(builder, ptr, at, VECTOR)
 
 
 @intrinsic
@@ -115,8 +112,8 @@ def input_tile(typingctx, src, s_base, s_row, s_col, dst, d_base, d_step):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        ps = _array_ptr(context, builder, signature, args, 0)
-        pd = _array_ptr(context, builder, signature, args, 4)
+        ps = array_ptr(context, builder, signature, args, 0)
+        pd = array_ptr(context, builder, signature, args, 4)
         base, row, col, d_base, d_step = _ints(context, builder, signature, args, (1, 2, 3, 5, 6))
         d = [
             [
@@ -157,15 +154,10 @@ def output_tile(typingctx, m, m_base, m_step, epi, ep, res, out, qoffs):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        vty = ir.VectorType(ir.FloatType(), LANES)
         pm, pe, pr, po, pq = (
-            _array_ptr(context, builder, signature, args, i) for i in (0, 3, 5, 6, 7)
+            array_ptr(context, builder, signature, args, i) for i in (0, 3, 5, 6, 7)
         )
         m_base, m_step = _ints(context, builder, signature, args, (1, 2))
-        cb, cp, has_res, act = (
-            context.cast(builder, v, t, types.int64)
-            for v, t in zip(cgutils.unpack_tuple(builder, args[4], 4), signature.args[4].types)
-        )
         mm = [
             builder.load(
                 _vec_at(
@@ -177,32 +169,13 @@ def output_tile(typingctx, m, m_base, m_step, epi, ep, res, out, qoffs):
         ]
         cols = [_at(builder, [mm[j], mm[4 + j], mm[8 + j], mm[12 + j]]) for j in range(4)]
         ys = [_at(builder, [cols[0][i], cols[1][i], cols[2][i], cols[3][i]]) for i in range(2)]
-
-        def fn(name, n):
-            return cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty] * n), f"llvm.{name}.v{LANES}f32"
-            )
-
-        fma, vmax, vmin = fn("fma", 3), fn("maxnum", 2), fn("minnum", 2)
-        zero, six = ir.Constant(vty, None), ir.Constant(vty, [6.0] * LANES)
-        sc = builder.load(_vec_at(builder, pe, cb), align=4)
-        sf = builder.load(_vec_at(builder, pe, builder.add(cp, cb)), align=4)
-        use_res = builder.icmp_signed("!=", has_res, ir.Constant(i64, 0))
-        is_relu = builder.icmp_signed("==", act, ir.Constant(i64, 1))
-        is_relu6 = builder.icmp_signed("==", act, ir.Constant(i64, 2))
+        epilogue = Epilogue(context, builder, VECTOR, pe, args[4], signature.args[4])
         for q in range(4):
             off = builder.load(builder.gep(pq, [ir.Constant(i64, q)]))
             inside = builder.icmp_signed(">=", off, ir.Constant(i64, 0))
             with builder.if_then(inside, likely=True):
-                at = builder.add(off, cb)
-                v = builder.call(fma, [ys[q // 2][q % 2], sc, sf])
-                # without a residual res is out itself: the load is in bounds, its value unused
-                r = builder.load(_vec_at(builder, pr, at), align=4)
-                v = builder.fadd(v, builder.select(use_res, r, zero))
-                relu = builder.call(vmax, [v, zero])
-                v = builder.select(is_relu, relu, v)
-                v = builder.select(is_relu6, builder.call(vmin, [relu, six]), v)
-                builder.store(v, _vec_at(builder, po, at), align=4)
+                at = builder.add(off, epilogue.cb)
+                epilogue.store(ys[q // 2][q % 2], pr, po, at)
         return context.get_dummy_value()
 
     return sig, codegen
