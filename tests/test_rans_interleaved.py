@@ -189,7 +189,7 @@ def test_error_type_and_offset():
         ri.parse_header(_u8(struct.pack("<HBBI", 1, 12, 3, 0) + b"\0" * 8))
 
 
-@pytest.mark.parametrize("lanes", [1, 4, 32])
+@pytest.mark.parametrize("lanes", [1, 4, 8, 32])
 def test_truncated_at_every_length(lanes):
     buf = _small_buffer(lanes)
     for n in range(len(buf)):
@@ -201,7 +201,7 @@ def test_trailing_garbage():
     _both_raise(_small_buffer() + b"\0", match="whole number")
 
 
-@pytest.mark.parametrize("lanes", [1, 4, 32])
+@pytest.mark.parametrize("lanes", [1, 4, 8, 32])
 def test_every_flipped_byte_and_bit(lanes):
     buf = _small_buffer(lanes)
     for pos in range(len(buf)):
