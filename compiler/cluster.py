@@ -4,6 +4,11 @@ ESCEPE (seed 000) clusters the weights of each early-exit section with its own
 cluster count: shallow sections keep more clusters so the early exits keep
 their accuracy. Here: every conv/linear weight of a section (its exit head
 included) shares that section's codebook; biases and batch-norm stay float32.
+
+Centroids are rounded to the nearest float16 (stored as float32): a change of at
+most 2^-11 of a centroid, far below the clustering's own error, which lets the
+runtime keep those weights as float16 (escepe_rt.kernels.runs_f16: half the
+memory and half the bytes streamed per forward pass, the same products).
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ class SectionCodebook:
     centroids: np.ndarray  # (k,) float32, ascending
     indices: dict[str, np.ndarray]  # weight parameter name -> uint8 indices, weight's shape
     exact: bool  # True if the section had <= k distinct values (nothing was approximated)
+
+
+def float16_grid(values) -> np.ndarray:
+    """float32 values rounded to the nearest float16, except where float16 cannot hold them
+    (beyond +-65504, NaN): those stay as they are (the runtime then keeps float32 weights)."""
+    v = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = v.astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(h), h, v)
 
 
 def kmeans_1d(
@@ -117,7 +131,8 @@ def codebook_for(
     distinct = np.unique(everything)
     exact = len(distinct) <= k
     if exact or zero_fraction == 0.0 or k < 2:
-        centroids = distinct if exact else kmeans_1d(everything, k, seed=seed + section)
+        # an exact codebook is the weights themselves (the file must equal the model)
+        centroids = distinct if exact else _rounded(kmeans_1d(everything, k, seed=seed + section))
         if len(centroids) == 0:
             centroids = np.zeros(1, np.float32)
         indices = {
@@ -129,6 +144,7 @@ def codebook_for(
     cut = np.quantile(np.abs(everything), zero_fraction)
     kept = everything[np.abs(everything) > cut]
     others = kmeans_1d(kept, k - 1, seed=seed + section) if kept.size else np.zeros(0, np.float32)
+    others = _rounded(others)
     others = others[others != 0]
     centroids = np.sort(np.concatenate([[0.0], others])).astype(np.float32)
     zero = int(np.searchsorted(centroids, 0.0))
@@ -141,6 +157,11 @@ def codebook_for(
         idx = np.where(np.abs(w) <= cut, zero, near).astype(np.uint8)
         indices[name] = idx.reshape(tuple(p.shape))
     return SectionCodebook(section, centroids, indices, exact=False)
+
+
+def _rounded(centroids: np.ndarray) -> np.ndarray:
+    """Centroids on the float16 grid, ascending and distinct (rounding may merge two)."""
+    return np.unique(float16_grid(centroids))
 
 
 def cluster_sections(
@@ -224,9 +245,17 @@ def attach_codebook(
 
 
 def bake_codebooks(model: nn.Module) -> None:
-    """Replace every ClusteredWeight parametrisation by its current centroid values."""
+    """Replace every ClusteredWeight parametrisation by its current centroid values, rounded
+    to the float16 grid (see the module docstring; a shared centroid is rounded once)."""
     from torch.nn.utils import parametrize
 
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            for p in mod.parametrizations["weight"]:
+                if isinstance(p, ClusteredWeight):
+                    with torch.no_grad():
+                        c = p.centroids
+                        c.copy_(torch.from_numpy(float16_grid(c.detach().cpu().numpy())))
     for mod in list(model.modules()):
         if parametrize.is_parametrized(mod, "weight"):
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)

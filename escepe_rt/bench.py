@@ -195,12 +195,13 @@ def benchmark(
 
 def conv_kernels(model) -> dict[str, int]:
     """How many of a loaded (eager) model's convs run on each kernel: Winograd, the direct
-    micro-kernels, depthwise, or im2col + sgemm (grouped convs, Cout < 8, width dilation)."""
-    from escepe_rt import kernels
+    micro-kernels (on float32 or float16 panels), depthwise, or im2col + sgemm (grouped convs,
+    Cout < 8, width dilation)."""
+    from escepe_rt import kernels, microkernel
     from escepe_rt._fbs.OpCode import OpCode
 
     ex = model._executor
-    counts = dict.fromkeys(("winograd", "direct", "depthwise", "im2col_sgemm"), 0)
+    counts = dict.fromkeys(("winograd", "direct", "direct_f16", "depthwise", "im2col_sgemm"), 0)
     for s, (begin, end) in enumerate(model.spec.sections):
         params = ex.section_params(s)
         for i in range(begin, end):
@@ -212,7 +213,7 @@ def conv_kernels(model) -> dict[str, int]:
             if w.winograd:
                 counts["winograd"] += 1
             elif w.panels is not None and kernels.runs_direct(w.Cout, w.groups, dilation_w):
-                counts["direct"] += 1
+                counts["direct_f16" if w.kind == microkernel.KIND_F16 else "direct"] += 1
             elif w.depthwise:
                 counts["depthwise"] += 1
             else:
@@ -263,7 +264,8 @@ def format_report(r: dict) -> str:
     )
     kinds = r.get("conv_kernels")
     if kinds:
-        named = (f"{n} {kind.replace('_', ' + ')}" for kind, n in kinds.items())
+        label = {"direct_f16": "direct on float16 weights", "im2col_sgemm": "im2col + sgemm"}
+        named = (f"{n} {label.get(kind, kind)}" for kind, n in kinds.items())
         lines.append("convs: " + ", ".join(named))
     h = r["exit_histogram"]
     frac = ", ".join(f"{f:.0%}" for f in h["fractions"])

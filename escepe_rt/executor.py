@@ -193,13 +193,20 @@ class Executor:
             wino = kernels.runs_winograd(
                 cout, cin_g * groups, groups, (kh, kw), o["stride"], o["dilation"], (ho, wo)
             )
+            if t.encoding == Encoding.RAW_F16:
+                exact = True
+            elif t.encoding == Encoding.RAW_F32:
+                exact = False
+            else:
+                exact = kernels.half_exact(self.spec.codebooks[t.codebook][1])
+            f16 = kernels.runs_f16(cout, groups, o["dilation"][1], wino, exact)
             if t.encoding in _RANS:  # indices gathered straight into the sgemm layout
                 codebook = self.spec.codebooks[t.codebook][1]
                 idx = self._decode_rans(node.weight, None)
                 return kernels.prepare_conv_weight_from_indices(
-                    idx, codebook, t.shape, groups, wino
+                    idx, codebook, t.shape, groups, wino, f16
                 )
-            return kernels.prepare_conv_weight(self.tensor(node.weight), groups, wino)
+            return kernels.prepare_conv_weight(self.tensor(node.weight), groups, wino, f16)
         return kernels.prepare_linear_weight(self.tensor(node.weight))
 
     def _vector(self, index: int):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
 import threading
 from typing import NamedTuple
@@ -66,6 +67,31 @@ DIRECT_CONV = os.environ.get("ESCEPE_DIRECT_CONV", "1").strip() != "0"
 _WINOGRAD_ENV = os.environ.get("ESCEPE_WINOGRAD", "1").strip().lower()
 WINOGRAD = _WINOGRAD_ENV != "0"
 WINOGRAD_ALL = _WINOGRAD_ENV == "all"
+
+
+def _f16_converts_natively() -> bool:
+    """Whether this CPU widens float16 to float32 in one vector instruction (x86 F16C, every
+    aarch64): elsewhere LLVM would call a library routine per weight."""
+    try:
+        import llvmlite.binding as llvm
+        from numba.core import config
+
+        machine = platform.machine().lower()
+        if machine in ("aarch64", "arm64"):
+            return True
+        if machine not in ("x86_64", "amd64"):
+            return False
+        features = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+        return "+f16c" in features.split(",")
+    except Exception:  # no feature list: stay on float32
+        return False
+
+
+# Direct convs whose weights are exact in float16 (codebooks the compiler rounded to float16,
+# RAW_F16 tensors) keep float16 panels, widened in registers by the micro-kernels: half the
+# memory and half the bytes streamed per forward pass, the same products (runs_f16).
+# ESCEPE_F16_PANELS=0 keeps every panel float32.
+F16_PANELS = os.environ.get("ESCEPE_F16_PANELS", "1").strip() != "0" and _f16_converts_natively()
 _EMPTY = np.empty(0, dtype=_F32)
 
 # Row-parallel kernels are written with prange but compiled serially: numba's OpenMP pool
@@ -445,7 +471,8 @@ class ConvWeight(NamedTuple):
     so that each panel streams contiguously, the last one zero-padded past Cout; None otherwise.
     ``winograd``: ``panels`` holds a 3x3 conv's Winograd F(2x2, 3x3) weights instead,
     (16 * Cout / LANES, Cin, LANES) (escepe_rt.winograd.weights_of); only for stride 1, no
-    dilation (make_conv checks).
+    dilation (make_conv checks). ``panels`` of dtype float16: the same matrix in float16, for
+    weights exact in float16 (``kind``; see :func:`runs_f16`).
     """
 
     Cout: int
@@ -459,13 +486,32 @@ class ConvWeight(NamedTuple):
     winograd: bool = False
 
     @property
+    def kind(self) -> int:
+        """What the micro-kernels read (their geom word 7): float32 panels, Winograd weights,
+        or float16 panels (``panels`` of dtype float16)."""
+        if self.winograd:
+            return microkernel.KIND_WINOGRAD
+        if self.panels is not None and self.panels.dtype == np.float16:
+            return microkernel.KIND_F16
+        return microkernel.KIND_F32
+
+    def panel_array(self) -> np.ndarray:
+        """``panels`` as the numba kernels take them: float32, float16 panels as pairs of
+        halves, (blocks, rows, LANES / 2); the kernels address weights by index either way."""
+        p = self.panels
+        return p.view(np.float32) if p.dtype == np.float16 else p
+
+    @property
     def depthwise(self) -> bool:
         return self.dw is not None
 
 
-def prepare_conv_weight(weight_oihw: np.ndarray, groups: int, winograd: bool = False) -> ConvWeight:
+def prepare_conv_weight(
+    weight_oihw: np.ndarray, groups: int, winograd: bool = False, f16: bool = False
+) -> ConvWeight:
     """Prepare a PyTorch-layout (Cout, Cin/groups, kh, kw) weight for :func:`conv2d`; with
-    `winograd`, for a 3x3 stride-1 conv that runs Winograd (see :func:`runs_winograd`)."""
+    `winograd`, for a 3x3 stride-1 conv that runs Winograd (see :func:`runs_winograd`); with
+    `f16`, as float16 panels (every weight must be exact in float16; see :func:`runs_f16`)."""
     w = np.asarray(weight_oihw, dtype=_F32)
     if w.ndim != 4:
         raise ValueError(f"conv weight must be 4-D (Cout, Cin/groups, kh, kw), got {w.shape}")
@@ -487,6 +533,11 @@ def prepare_conv_weight(weight_oihw: np.ndarray, groups: int, winograd: bool = F
             w = np.concatenate([w, np.zeros((blocks * _LANES - cout, cin, kh, kw), _F32)])
         p = w.reshape(blocks, _LANES, cin, kh, kw).transpose(0, 3, 4, 2, 1)
         panels = np.ascontiguousarray(p).reshape(blocks, kh * kw * cin, _LANES)
+        if f16:
+            half = panels.astype(np.float16)
+            if not np.array_equal(half.astype(_F32), panels):
+                raise ValueError("f16 panels need weights that are exact in float16")
+            panels = half
         return _with_panels(ConvWeight(cout, cin, kh, kw, 1, None, None, panels), winograd)
     # (G, Cout_g, Cin_g, kh, kw) -> (G, kh, kw, Cin_g, Cout_g) -> (G, kh*kw*Cin_g, Cout_g)
     g = w.reshape(groups, cout_g, cin_g, kh, kw).transpose(0, 3, 4, 2, 1)
@@ -547,10 +598,34 @@ def runs_winograd(cout: int, cin: int, groups: int, kernel, stride, dilation, ou
     )
 
 
+def half_exact(values) -> bool:
+    """Whether every value survives a round trip through float16 (NaN never does)."""
+    v = np.asarray(values, dtype=_F32)
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(v.astype(np.float16).astype(_F32), v))
+
+
+def runs_f16(cout: int, groups: int, dilation_w: int, winograd: bool, exact: bool) -> bool:
+    """Whether a conv keeps float16 panels: weights exact in float16 (`exact`), on the direct
+    micro-kernels with full-width tiles (not Cout == LANES / 2, not Winograd, whose transformed
+    weights are not exact), on a CPU that widens float16 natively (F16_PANELS)."""
+    return (
+        F16_PANELS
+        and exact
+        and not winograd
+        and runs_direct(cout, groups, dilation_w)
+        and cout != _LANES // 2
+    )
+
+
 def _with_panels(w: ConvWeight, winograd: bool) -> ConvWeight:
     """w, its panels replaced by Winograd weights if `winograd` (the panels are then dropped)."""
     if not winograd:
+        if w.kind == microkernel.KIND_F16 and w.Cout == _LANES // 2:
+            raise ValueError(f"f16 panels need more than {_LANES // 2} output channels")
         return w
+    if w.kind == microkernel.KIND_F16:
+        raise ValueError("Winograd weights are float32: they are not exact in float16")
     if (w.kh, w.kw) != (3, 3) or w.Cin % _LANES or w.Cout % _LANES:
         raise ValueError(
             f"Winograd needs a 3x3 conv with channels in multiples of {_LANES}, "
@@ -567,17 +642,24 @@ def _gemm_of(w: ConvWeight) -> np.ndarray:
         return w.gemm[0]
     blocks, k, lanes = w.panels.shape
     full = w.panels.transpose(1, 0, 2).reshape(k, blocks * lanes)
-    return np.ascontiguousarray(full[:, : w.Cout])
+    return np.ascontiguousarray(full[:, : w.Cout], dtype=_F32)
 
 
 def prepare_conv_weight_from_indices(
-    indices: np.ndarray, codebook: np.ndarray, shape, groups: int, winograd: bool = False
+    indices: np.ndarray,
+    codebook: np.ndarray,
+    shape,
+    groups: int,
+    winograd: bool = False,
+    f16: bool = False,
 ) -> ConvWeight:
     """:func:`prepare_conv_weight` of ``codebook[indices].reshape(shape)``, without the float32
     tensor in stored (OIHW) order: the codebook values are gathered straight into the sgemm
     layout. That skips one full-size float32 buffer and its transposing copy when a section is
     decoded (ResNet-18's last section: 33.5 MB of weights). Every index must be < len(codebook)
-    (the verifier checks the symbol count of entropy-coded tensors against the codebook)."""
+    (the verifier checks the symbol count of entropy-coded tensors against the codebook). With
+    `f16` the panels are float16, gathered from the codebook's float16 bits (every codebook
+    value must be exact in float16)."""
     cout, cin_g, kh, kw = (int(v) for v in shape)
     groups = int(groups)
     cb = np.ascontiguousarray(codebook, dtype=_F32).ravel()
@@ -591,8 +673,17 @@ def prepare_conv_weight_from_indices(
     cout_g = cout // groups
     if _uses_panels(cout, groups):
         # the panels are the sgemm matrix of LANES-wide column blocks: gather block by block
-        panels = np.empty((-(-cout // _LANES), kh * kw * cin_g, _LANES), dtype=_F32)
-        _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, cout, panels)
+        shape = (-(-cout // _LANES), kh * kw * cin_g, _LANES)
+        if f16:
+            if not half_exact(cb):
+                raise ValueError("f16 panels need a codebook that is exact in float16")
+            bits = np.empty(shape, dtype=np.uint16)  # float16 bit patterns (+0.0 is 0)
+            _gather_gemm(idx, cb.astype(np.float16).view(np.uint16), _LANES, cin_g, kh * kw,
+                         cout, bits)  # fmt: skip
+            panels = bits.view(np.float16)
+        else:
+            panels = np.empty(shape, dtype=_F32)
+            _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, cout, panels)
         return _with_panels(ConvWeight(cout, cin_g, kh, kw, 1, None, None, panels), winograd)
     gemm = np.empty((groups, kh * kw * cin_g, cout_g), dtype=_F32)
     _gather_gemm(idx, cb, cout_g, cin_g, kh * kw, cout, gemm)
@@ -878,13 +969,13 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     has_res = residual is not None
     args = (
         xp,
-        w.panels,
+        w.panel_array(),
         out,
         residual if has_res else out,
         has_res,
         epi,
         act,
-        (w.kh, w.kw, sh, sw, dh, 0, 0, int(w.winograd)),  # no border on xp's own, none on out
+        (w.kh, w.kw, sh, sw, dh, 0, 0, w.kind),  # no border on xp's own, none on out
     )
     blocks = -(-cout // _LANES)  # channel blocks, whatever the kind of weights
     units = microkernel.work(args[7], n, ho, wo)

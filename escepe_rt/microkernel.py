@@ -47,12 +47,15 @@ def _phis(builder, ty, values, block) -> list:
     return phis
 
 
-def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES):
+def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool = False):
     """An intrinsic computing one tile of `rows` output pixels x `lanes` channels, epilogue
     included (on the registers, before the one store; without `epilogue`, the sums are stored
     as they are and epi, res, ep are not read: Winograd's products). lanes = LANES / 2 reads
     the first half of each panel row and stores half vectors (convs of exactly LANES / 2
-    output channels, which full vectors would compute twice over):
+    output channels, which full vectors would compute twice over). With `f16` the panel holds
+    float16 weights (b is their float32 view; offsets still count weights), widened to float32
+    in registers as each row is loaded: half the bytes streamed, the same products (the
+    runtime makes such panels only from weights that are exact in float16):
 
         acc = sum over ky < kh, k < krow of
             a[offs[o0 + r] + ky*a_ky + k] * b[b_off + (ky*krow + k)*LANES : +LANES]
@@ -78,6 +81,9 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES):
             ptr_a = context.make_array(signature.args[0])(context, builder, args[0]).data
             ptr_o = context.make_array(signature.args[1])(context, builder, args[1]).data
             ptr_b = context.make_array(signature.args[6])(context, builder, args[6]).data
+            if f16:
+                hty = ir.VectorType(ir.HalfType(), lanes)
+                ptr_b = builder.bitcast(ptr_b, ir.HalfType().as_pointer())
             ptr_c = context.make_array(signature.args[8])(context, builder, args[8]).data
             ptr_co = context.make_array(signature.args[9])(context, builder, args[9]).data
             o0, kh, a_ky, krow, b_off, c0, c_add = (
@@ -120,7 +126,13 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES):
 
             builder.position_at_end(k_body)
             b_at = builder.add(b_ky_off, builder.mul(k, ir.Constant(i64, LANES)))
-            bv = builder.load(builder.bitcast(builder.gep(ptr_b, [b_at]), vptr), align=4)
+            if f16:
+                hv = builder.load(
+                    builder.bitcast(builder.gep(ptr_b, [b_at]), hty.as_pointer()), align=2
+                )
+                bv = builder.fpext(hv, vty)
+            else:
+                bv = builder.load(builder.bitcast(builder.gep(ptr_b, [b_at]), vptr), align=4)
             new = []
             for r in range(rows):
                 av = builder.load(builder.gep(a_rows[r], [k]), align=4)
@@ -176,6 +188,13 @@ _half8 = _make_tile(8, lanes=LANES // 2)
 _half4 = _make_tile(4, lanes=LANES // 2)
 _half2 = _make_tile(2, lanes=LANES // 2)
 _half1 = _make_tile(1, lanes=LANES // 2)
+_f16_8 = _make_tile(8, f16=True)
+_f16_4 = _make_tile(4, f16=True)
+_f16_2 = _make_tile(2, f16=True)
+_f16_1 = _make_tile(1, f16=True)
+
+# geom[7]: what a conv's weights are (kernels.ConvWeight.kind)
+KIND_F32, KIND_WINOGRAD, KIND_F16 = 0, 1, 2
 
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -190,11 +209,13 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     out, res: (N, Ho + 2 * pad_out, Wo + 2 * pad_out, Cout), of which the interior is written
     (res = out when has_res is false); epi: (2 * Cp,) scale then shift (ones / zeros where the
     conv has none), Cp = LANES * panels, padded like the panels; act 0/1/2 (none, relu, relu6).
-    geom = (kh, kw, sh, sw, dh, origin, pad_out, winograd): the conv's padded input starts
+    geom = (kh, kw, sh, sw, dh, origin, pad_out, kind): the conv's padded input starts
     `origin` floats into each image of xp (a section program keeps every map inside a zero
     border of its own, at least as wide as the convs that read it need, so it is read in place
     and written into the next conv's border without a padding copy; the step lists pass 0, 0);
-    winograd is 0 here (1: conv_winograd's weights, see conv_range). The caller checked the
+    kind is KIND_F32 or KIND_F16 here (w then holds float16 panels, viewed as float32 pairs:
+    (blocks, kh*kw*C, LANES / 2); KIND_WINOGRAD: conv_winograd's weights, see conv_range; no
+    float16 with Cout == LANES / 2). The caller checked the
     shapes: every tap of every output pixel lies inside xp. Tiles are 8 consecutive output pixels
     (across output rows: each pixel has its own input and output offset), channel blocks the
     outer loop: a block's panel (kh*kw*C x LANES floats, contiguous) stays in cache while every
@@ -243,6 +264,7 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     # tiles compile once (numba's cold-cache compile time tripled with a second, 2-D
     # instantiation); they are empty when every block is full.
     half = cout == LANES // 2  # half-width tiles: exact stores, no scratch
+    f16 = geom[7] == KIND_F16
     scratch_rows = 8 if cout % LANES and not half else 0
     tmp = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
     tmp_res = np.zeros((1, 1, scratch_rows, LANES), dtype=np.float32)
@@ -285,16 +307,44 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
                             src_res[r * LANES + k] = flat_res[at + k]
             # the widest tile that fits (one call site per tile width: compile time)
             if rows >= 8:
-                _tile8(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
+                if f16:
+                    _f16_8(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
+                else:
+                    _tile8(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
                 done = 8
             elif rows >= 4:
-                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
+                if f16:
+                    _f16_4(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
+                else:
+                    _tile4(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
                 done = 4
             elif rows >= 2:
-                _tile2(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
+                if f16:
+                    _f16_2(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
+                else:
+                    _tile2(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
                 done = 2
             else:
-                _tile1(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
+                if f16:
+                    _f16_1(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
+                else:
+                    _tile1(
+                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
+                    )
                 done = 1
             if not direct:
                 for r in range(done):
@@ -426,8 +476,9 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
 @numba.njit(cache=True, nogil=True, inline="always")  # into conv_chunk and programs
 def conv_range(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     """Channel blocks [b0, b1) of work units [m0, m1) of a conv: output pixels on the direct
-    kernels, or 2x2 output tiles on Winograd weights (geom[7] = 1, see conv_winograd)."""
-    if geom[7]:
+    kernels, or 2x2 output tiles on Winograd weights (geom[7] = KIND_WINOGRAD, see
+    conv_winograd)."""
+    if geom[7] == KIND_WINOGRAD:
         conv_winograd(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
     else:
         conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1)
@@ -436,7 +487,7 @@ def conv_range(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
 @_jit
 def work(geom, n, ho, wo):
     """The work units of a conv (n samples, Ho x Wo): output pixels, or Winograd's 2x2 tiles."""
-    if geom[7]:
+    if geom[7] == KIND_WINOGRAD:
         return n * ((ho + 1) // 2) * ((wo + 1) // 2)
     return n * ho * wo
 

@@ -248,7 +248,7 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
             sc, has_sc = kernels._vec(p["scale"], cout, "scale")
             sf, has_sf = kernels._vec(p["shift"], cout, "shift")
             epi = kernels._direct_epilogue(sc, sf, has_sc, has_sf, cout)
-            panels = weight.panels
+            panels = weight.panel_array()
             keep += [panels, epi]
             res = off[ins[1]] if len(ins) > 1 else -1
             pixels = (hq - 2 * border[out]) * (wq - 2 * border[out])  # per sample
@@ -259,7 +259,7 @@ def build(spec, layout: Layout, plan: list, params: dict, fused: dict) -> Progra
                 spinpool.address_of(epi), epi.shape[0], act,
                 weight.kh, weight.kw, sh, sw, dh, origin, border[out],
                 size[ins[0]], size[out], macs, pair_min, int(out in layout.dirty),
-                int(weight.winograd),
+                weight.kind,
             )  # fmt: skip
         elif op == OpCode.ADD:
             row(OP_ADD, off[ins[0]], off[ins[1]], off[out], size[out], node.activation)
@@ -364,7 +364,9 @@ def _conv(ins, base, cap, n, ctrl, seq, shared):
     res_at = ins[9] * cap if has_res else out_at
     ho, wo = hq - 2 * ins[23], wq - 2 * ins[23]
     total = microkernel.work(geom, batch, ho, wo)
-    by_blocks, step, chunks = microkernel.split(blocks, total, 4, ins[29] != 0)
+    by_blocks, step, chunks = microkernel.split(
+        blocks, total, 4, ins[29] == microkernel.KIND_WINOGRAD
+    )
     share = shared and chunks > 1 and batch * macs >= pair_min
     for i in range(per_call):
         xp = numba.carray(_at(base, ins[1] * cap + i * size_in), (batch, hp, wp, c))

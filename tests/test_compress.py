@@ -40,6 +40,42 @@ def test_codebook_is_exact_when_there_are_few_distinct_values():
     np.testing.assert_array_equal(book.centroids[book.indices["w"]], p.detach().numpy())
 
 
+def _on_float16_grid(values) -> bool:
+    v = np.asarray(values, dtype=np.float32)
+    return bool(np.array_equal(v.astype(np.float16).astype(np.float32), v))
+
+
+def test_float16_grid_rounds_to_the_nearest_float16_where_it_can():
+    v = np.array([0.1, -1 / 3, 1e-6, 7.0, 7.001, 1e5, -np.inf, np.nan], np.float32)
+    g = cluster.float16_grid(v)
+    assert g.dtype == np.float32
+    np.testing.assert_array_equal(g[:5], v[:5].astype(np.float16).astype(np.float32))
+    assert _on_float16_grid(g[:5]) and not _on_float16_grid(v[:2])
+    assert g[4] == 7.0  # 7.001 is nearest to 7 in float16
+    np.testing.assert_array_equal(g[5:7], v[5:7])  # past float16's range: kept
+    assert np.isnan(g[7])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_clustered_codebooks_are_on_the_float16_grid(fraction):
+    """k-means centroids are rounded to float16 (the runtime's float16 panels: kernels.runs_f16)
+    by at most half a float16 step; an exact codebook keeps the weights' own values."""
+    torch.manual_seed(0)
+    params = [("a", nn.Parameter(torch.randn(3000) * 0.05))]
+    book = cluster.codebook_for(0, params, 8, zero_fraction=fraction)
+    assert not book.exact and _on_float16_grid(book.centroids)
+    assert np.all(np.diff(book.centroids) > 0)
+    w = params[0][1].detach().numpy()
+    raw = cluster.kmeans_1d(w if fraction == 0 else w[np.abs(w) > np.quantile(np.abs(w), fraction)],
+                            8 if fraction == 0 else 7)  # fmt: skip
+    kept = book.centroids[book.centroids != 0] if fraction else book.centroids
+    np.testing.assert_allclose(kept, raw, rtol=2.0**-11, atol=0)
+    exact = [("b", nn.Parameter(torch.tensor([0.1, -0.3, 0.1])))]
+    np.testing.assert_array_equal(
+        cluster.codebook_for(0, exact, 4).centroids, np.float32([-0.3, 0.1])
+    )
+
+
 @pytest.mark.parametrize("fraction", [0.5, 0.9])
 def test_pruning_sends_the_smallest_weights_to_an_exact_zero_centroid(fraction):
     torch.manual_seed(0)
@@ -86,9 +122,14 @@ def test_attached_codebooks_train_only_centroids_and_bake_to_k_values():
         opt.step()
     assert torch.all(cents[0].detach()[zero] == 0)  # the pruned centroid stays at zero
     assert not torch.equal(model.c2.weight.detach(), original_c2)  # unclustered ones train
+    trained = cents[0].detach().numpy().copy()
+    assert not _on_float16_grid(trained)  # SGD moved the centroids off the grid
     cluster.bake_codebooks(model)
     section0 = torch.cat([model.c1.weight.flatten(), model.f1.weight.flatten()])
     assert len(torch.unique(section0)) <= 4
+    baked = np.unique(section0.detach().numpy())
+    assert _on_float16_grid(baked)
+    np.testing.assert_array_equal(baked, np.unique(cluster.float16_grid(trained)))
 
 
 def _brute_simulate(conf, correct, macs, thresholds):
