@@ -359,85 +359,95 @@ def decode_reference(buf) -> np.ndarray:
 # ----------------------------------------------------------------------------- numba decoder
 
 
-@numba.njit(inline="always")
-def _quad(x0, x1, x2, x3, ptr, i, words, fb, table, mask, p, out):
-    """One step of four consecutive lanes, states in registers: indices i..i+3 decoded, then the
-    four renormalisations in lane order (the order the words were written in)."""
-    s16 = np.uint32(16)
-    m16 = np.uint32(0xFFFF)
-    slot = x0 & mask
-    out[i] = table[slot]
-    e = fb[slot]
-    x0 = (e >> s16) * (x0 >> p) + (e & m16)
-    slot = x1 & mask
-    out[i + 1] = table[slot]
-    e = fb[slot]
-    x1 = (e >> s16) * (x1 >> p) + (e & m16)
-    slot = x2 & mask
-    out[i + 2] = table[slot]
-    e = fb[slot]
-    x2 = (e >> s16) * (x2 >> p) + (e & m16)
-    slot = x3 & mask
-    out[i + 3] = table[slot]
-    e = fb[slot]
-    x3 = (e >> s16) * (x3 >> p) + (e & m16)
-    x0, ptr = _renorm(x0, words, ptr)
-    x1, ptr = _renorm(x1, words, ptr)
-    x2, ptr = _renorm(x2, words, ptr)
-    x3, ptr = _renorm(x3, words, ptr)
-    return x0, x1, x2, x3, ptr
-
-
-@numba.njit(inline="always")
-def _renorm(x, words, ptr):
-    """Branchless: at most one word, read only if the state fell below L."""
-    need = x < np.uint32(RANS_L)
-    w = np.uint32(words[ptr])
-    return (((x << np.uint32(16)) | w) if need else x), ptr + need
-
-
 @numba.njit(cache=True, nogil=True)
 def _unchecked_rounds(words, count, prob_bits, lanes, x, fb, table, out):
     """Whole rounds of `lanes` indices, unchecked, while a round's at most `lanes` word reads
     stay inside the stream; returns (indices done, words read) and leaves the states in `x`.
-
-    4 and 8 lanes (what the writer makes for big tensors) keep their states in registers, a
-    quad of lanes at a time: 2.25 -> 2.9 GB/s of float32 on a 2.36M-index tensor (ad hoc, one
-    thread; the states in the array cost a store and a reload per index). Other lane counts
-    update every state first, then renormalise them (faster than interleaving the two per
-    lane: the multiply chains issue back to back). All arithmetic is uint32 (states < 2^32)."""
+    Only 8 lanes, what the writer makes for every big tensor: the eight states live in
+    registers, each lane's step then its branchless renormalisation written out (largest
+    ResNet-18 tensor 2.41 -> 2.86 GB/s of float32 in benchmarks/decode.py; states in the array
+    cost a store and a reload per index). The same with helper functions returning tuples cost
+    ~2.3 s of numba's cold compile, this ~0.8 s; a generic loop for other lane counts another
+    ~0.65 s, so those (tensors of a few KB, where building the slot tables dominates; other
+    writers' 16 or 32 lanes) go straight to the checked loop. All arithmetic is uint32."""
     nw = words.shape[0]
     mask = np.uint32((1 << prob_bits) - 1)
     p = np.uint32(prob_bits)
-    ptr = 0
-    i = 0
-    if lanes == 8:
-        x0, x1, x2, x3, x4, x5, x6, x7 = x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]
-        while i + 8 <= count and ptr + 8 <= nw:
-            x0, x1, x2, x3, ptr = _quad(x0, x1, x2, x3, ptr, i, words, fb, table, mask, p, out)
-            x4, x5, x6, x7, ptr = _quad(x4, x5, x6, x7, ptr, i + 4, words, fb, table, mask, p, out)
-            i += 8
-        x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = x0, x1, x2, x3, x4, x5, x6, x7
-        return i, ptr
-    if lanes == 4:
-        x0, x1, x2, x3 = x[0], x[1], x[2], x[3]
-        while i + 4 <= count and ptr + 4 <= nw:
-            x0, x1, x2, x3, ptr = _quad(x0, x1, x2, x3, ptr, i, words, fb, table, mask, p, out)
-            i += 4
-        x[0], x[1], x[2], x[3] = x0, x1, x2, x3
-        return i, ptr
     s16 = np.uint32(16)
     m16 = np.uint32(0xFFFF)
-    while i + lanes <= count and ptr + lanes <= nw:
-        for j in range(lanes):
-            xj = x[j]
-            slot = xj & mask
-            out[i + j] = table[slot]
-            e = fb[slot]
-            x[j] = (e >> s16) * (xj >> p) + (e & m16)
-        for j in range(lanes):
-            x[j], ptr = _renorm(x[j], words, ptr)
-        i += lanes
+    lo = np.uint32(RANS_L)
+    ptr = 0
+    i = 0
+    if lanes != 8:
+        return i, ptr
+    x0, x1, x2, x3, x4, x5, x6, x7 = x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]
+    while i + 8 <= count and ptr + 8 <= nw:
+        slot = x0 & mask
+        out[i + 0] = table[slot]
+        e = fb[slot]
+        x0 = (e >> s16) * (x0 >> p) + (e & m16)
+        slot = x1 & mask
+        out[i + 1] = table[slot]
+        e = fb[slot]
+        x1 = (e >> s16) * (x1 >> p) + (e & m16)
+        slot = x2 & mask
+        out[i + 2] = table[slot]
+        e = fb[slot]
+        x2 = (e >> s16) * (x2 >> p) + (e & m16)
+        slot = x3 & mask
+        out[i + 3] = table[slot]
+        e = fb[slot]
+        x3 = (e >> s16) * (x3 >> p) + (e & m16)
+        slot = x4 & mask
+        out[i + 4] = table[slot]
+        e = fb[slot]
+        x4 = (e >> s16) * (x4 >> p) + (e & m16)
+        slot = x5 & mask
+        out[i + 5] = table[slot]
+        e = fb[slot]
+        x5 = (e >> s16) * (x5 >> p) + (e & m16)
+        slot = x6 & mask
+        out[i + 6] = table[slot]
+        e = fb[slot]
+        x6 = (e >> s16) * (x6 >> p) + (e & m16)
+        slot = x7 & mask
+        out[i + 7] = table[slot]
+        e = fb[slot]
+        x7 = (e >> s16) * (x7 >> p) + (e & m16)
+        need = x0 < lo
+        w = np.uint32(words[ptr])
+        x0 = ((x0 << s16) | w) if need else x0
+        ptr += need
+        need = x1 < lo
+        w = np.uint32(words[ptr])
+        x1 = ((x1 << s16) | w) if need else x1
+        ptr += need
+        need = x2 < lo
+        w = np.uint32(words[ptr])
+        x2 = ((x2 << s16) | w) if need else x2
+        ptr += need
+        need = x3 < lo
+        w = np.uint32(words[ptr])
+        x3 = ((x3 << s16) | w) if need else x3
+        ptr += need
+        need = x4 < lo
+        w = np.uint32(words[ptr])
+        x4 = ((x4 << s16) | w) if need else x4
+        ptr += need
+        need = x5 < lo
+        w = np.uint32(words[ptr])
+        x5 = ((x5 << s16) | w) if need else x5
+        ptr += need
+        need = x6 < lo
+        w = np.uint32(words[ptr])
+        x6 = ((x6 << s16) | w) if need else x6
+        ptr += need
+        need = x7 < lo
+        w = np.uint32(words[ptr])
+        x7 = ((x7 << s16) | w) if need else x7
+        ptr += need
+        i += 8
+    x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = x0, x1, x2, x3, x4, x5, x6, x7
     return i, ptr
 
 
