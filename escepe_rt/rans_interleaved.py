@@ -360,16 +360,19 @@ def decode_reference(buf) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _unchecked_rounds(words, count, prob_bits, lanes, x, fb, table, out):
-    """Whole rounds of `lanes` indices, unchecked, while a round's at most `lanes` word reads
-    stay inside the stream; returns (indices done, words read) and leaves the states in `x`.
-    Only 8 lanes, what the writer makes for every big tensor: the eight states live in
-    registers, each lane's step then its branchless renormalisation written out (largest
-    ResNet-18 tensor 2.41 -> 2.86 GB/s of float32 in benchmarks/decode.py; states in the array
-    cost a store and a reload per index). The same with helper functions returning tuples cost
-    ~2.3 s of numba's cold compile, this ~0.8 s; a generic loop for other lane counts another
-    ~0.65 s, so those (tensors of a few KB, where building the slot tables dominates; other
-    writers' 16 or 32 lanes) go straight to the checked loop. All arithmetic is uint32."""
+def _decode_loop(words, count, prob_bits, lanes, x, fb, table, out):
+    """The hot loop: out[i] = table[slot]; returns (status, i, ptr). `x` holds the lane states.
+
+    Fast part, 8 lanes only (what the writer makes for every big tensor): whole rounds,
+    unchecked, while a round's at most 8 word reads stay inside the stream. The eight states
+    live in registers, each lane's step then its branchless renormalisation written out
+    (states in the array cost a store and a reload per index), indexed by unsigned integers
+    (numba adds a negative-index wraparound to every signed index): the largest ResNet-18
+    tensor 2.41 -> 3.18 GB/s of float32 in benchmarks/decode.py. Written out here rather than
+    through helpers returning tuples (~2.3 s more of numba's cold compile; this costs ~0.7 s);
+    a generic fast loop for other lane counts would cost ~0.65 s more, so those (tensors of a
+    few KB, where building the slot tables dominates; other writers' 16 or 32 lanes) run the
+    checked loop. All arithmetic is uint32 (states < 2^32, see the module docstring)."""
     nw = words.shape[0]
     mask = np.uint32((1 << prob_bits) - 1)
     p = np.uint32(prob_bits)
@@ -378,89 +381,78 @@ def _unchecked_rounds(words, count, prob_bits, lanes, x, fb, table, out):
     lo = np.uint32(RANS_L)
     ptr = 0
     i = 0
-    if lanes != 8:
-        return i, ptr
-    x0, x1, x2, x3, x4, x5, x6, x7 = x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]
-    while i + 8 <= count and ptr + 8 <= nw:
-        slot = x0 & mask
-        out[i + 0] = table[slot]
-        e = fb[slot]
-        x0 = (e >> s16) * (x0 >> p) + (e & m16)
-        slot = x1 & mask
-        out[i + 1] = table[slot]
-        e = fb[slot]
-        x1 = (e >> s16) * (x1 >> p) + (e & m16)
-        slot = x2 & mask
-        out[i + 2] = table[slot]
-        e = fb[slot]
-        x2 = (e >> s16) * (x2 >> p) + (e & m16)
-        slot = x3 & mask
-        out[i + 3] = table[slot]
-        e = fb[slot]
-        x3 = (e >> s16) * (x3 >> p) + (e & m16)
-        slot = x4 & mask
-        out[i + 4] = table[slot]
-        e = fb[slot]
-        x4 = (e >> s16) * (x4 >> p) + (e & m16)
-        slot = x5 & mask
-        out[i + 5] = table[slot]
-        e = fb[slot]
-        x5 = (e >> s16) * (x5 >> p) + (e & m16)
-        slot = x6 & mask
-        out[i + 6] = table[slot]
-        e = fb[slot]
-        x6 = (e >> s16) * (x6 >> p) + (e & m16)
-        slot = x7 & mask
-        out[i + 7] = table[slot]
-        e = fb[slot]
-        x7 = (e >> s16) * (x7 >> p) + (e & m16)
-        need = x0 < lo
-        w = np.uint32(words[ptr])
-        x0 = ((x0 << s16) | w) if need else x0
-        ptr += need
-        need = x1 < lo
-        w = np.uint32(words[ptr])
-        x1 = ((x1 << s16) | w) if need else x1
-        ptr += need
-        need = x2 < lo
-        w = np.uint32(words[ptr])
-        x2 = ((x2 << s16) | w) if need else x2
-        ptr += need
-        need = x3 < lo
-        w = np.uint32(words[ptr])
-        x3 = ((x3 << s16) | w) if need else x3
-        ptr += need
-        need = x4 < lo
-        w = np.uint32(words[ptr])
-        x4 = ((x4 << s16) | w) if need else x4
-        ptr += need
-        need = x5 < lo
-        w = np.uint32(words[ptr])
-        x5 = ((x5 << s16) | w) if need else x5
-        ptr += need
-        need = x6 < lo
-        w = np.uint32(words[ptr])
-        x6 = ((x6 << s16) | w) if need else x6
-        ptr += need
-        need = x7 < lo
-        w = np.uint32(words[ptr])
-        x7 = ((x7 << s16) | w) if need else x7
-        ptr += need
-        i += 8
-    x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = x0, x1, x2, x3, x4, x5, x6, x7
-    return i, ptr
-
-
-@numba.njit(cache=True, nogil=True)
-def _decode_loop(words, count, prob_bits, lanes, x, fb, table, out):
-    """The hot loop: out[i] = table[slot]; returns (status, i, ptr). `x` holds the lane states."""
-    nw = words.shape[0]
-    mask = np.uint32((1 << prob_bits) - 1)
-    p = np.uint32(prob_bits)
-    s16 = np.uint32(16)
-    m16 = np.uint32(0xFFFF)
-    lo = np.uint32(RANS_L)
-    i, ptr = _unchecked_rounds(words, count, prob_bits, lanes, x, fb, table, out)
+    if lanes == 8:
+        u, q, eight = np.uint64(0), np.uint64(0), np.uint64(8)
+        n_out, n_words = np.uint64(count), np.uint64(nw)
+        x0, x1, x2, x3, x4, x5, x6, x7 = x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]
+        while u + eight <= n_out and q + eight <= n_words:
+            slot = x0 & mask
+            out[u + np.uint64(0)] = table[slot]
+            e = fb[slot]
+            x0 = (e >> s16) * (x0 >> p) + (e & m16)
+            slot = x1 & mask
+            out[u + np.uint64(1)] = table[slot]
+            e = fb[slot]
+            x1 = (e >> s16) * (x1 >> p) + (e & m16)
+            slot = x2 & mask
+            out[u + np.uint64(2)] = table[slot]
+            e = fb[slot]
+            x2 = (e >> s16) * (x2 >> p) + (e & m16)
+            slot = x3 & mask
+            out[u + np.uint64(3)] = table[slot]
+            e = fb[slot]
+            x3 = (e >> s16) * (x3 >> p) + (e & m16)
+            slot = x4 & mask
+            out[u + np.uint64(4)] = table[slot]
+            e = fb[slot]
+            x4 = (e >> s16) * (x4 >> p) + (e & m16)
+            slot = x5 & mask
+            out[u + np.uint64(5)] = table[slot]
+            e = fb[slot]
+            x5 = (e >> s16) * (x5 >> p) + (e & m16)
+            slot = x6 & mask
+            out[u + np.uint64(6)] = table[slot]
+            e = fb[slot]
+            x6 = (e >> s16) * (x6 >> p) + (e & m16)
+            slot = x7 & mask
+            out[u + np.uint64(7)] = table[slot]
+            e = fb[slot]
+            x7 = (e >> s16) * (x7 >> p) + (e & m16)
+            need = x0 < lo
+            w = np.uint32(words[q])
+            x0 = ((x0 << s16) | w) if need else x0
+            q += np.uint64(need)
+            need = x1 < lo
+            w = np.uint32(words[q])
+            x1 = ((x1 << s16) | w) if need else x1
+            q += np.uint64(need)
+            need = x2 < lo
+            w = np.uint32(words[q])
+            x2 = ((x2 << s16) | w) if need else x2
+            q += np.uint64(need)
+            need = x3 < lo
+            w = np.uint32(words[q])
+            x3 = ((x3 << s16) | w) if need else x3
+            q += np.uint64(need)
+            need = x4 < lo
+            w = np.uint32(words[q])
+            x4 = ((x4 << s16) | w) if need else x4
+            q += np.uint64(need)
+            need = x5 < lo
+            w = np.uint32(words[q])
+            x5 = ((x5 << s16) | w) if need else x5
+            q += np.uint64(need)
+            need = x6 < lo
+            w = np.uint32(words[q])
+            x6 = ((x6 << s16) | w) if need else x6
+            q += np.uint64(need)
+            need = x7 < lo
+            w = np.uint32(words[q])
+            x7 = ((x7 << s16) | w) if need else x7
+            q += np.uint64(need)
+            u += eight
+        x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = x0, x1, x2, x3, x4, x5, x6, x7
+        i, ptr = np.int64(u), np.int64(q)
     # Checked tail: the last rounds (few words left) and a partial round.
     start = i
     for i in range(start, count):
