@@ -696,19 +696,25 @@ def _gather_gemm(idx, codebook, cout_g, cin_g, taps, cout, out):
     the channels g*cout_g + co >= cout (the padding of a partial last panel).
 
     One output row at a time (its cout_g values gathered at a stride of cin_g*taps bytes):
-    each row is written whole and once, measured 2x faster than numpy's float transpose."""
-    stride = cin_g * taps
+    each row is written whole and once, measured 2x faster than numpy's float transpose.
+    Indexed by unsigned integers (numba adds a negative-index wraparound to every signed
+    index): 4.0-4.3 -> 5.1-5.2 GB/s on a 512x512x3x3 conv's panels (ad hoc)."""
+    flat = out.ravel()  # a view: out is C-contiguous
+    stride = np.uint64(cin_g * taps)
+    width = np.uint64(out.shape[2])
+    rows = np.uint64(out.shape[1])
     for g in range(out.shape[0]):
-        gb = g * cout_g * stride
-        valid = min(cout_g, cout - g * cout_g)
+        gb = np.uint64(g * cout_g) * stride
+        valid = np.uint64(min(cout_g, cout - g * cout_g))
+        at_g = np.uint64(g) * rows * width
         for tap in range(taps):
             for ci in range(cin_g):
-                row = out[g, tap * cin_g + ci]
-                b = gb + ci * taps + tap
+                r = at_g + np.uint64(tap * cin_g + ci) * width
+                b = gb + np.uint64(ci * taps + tap)
                 for co in range(valid):
-                    row[co] = codebook[idx[b + co * stride]]
-                for co in range(valid, cout_g):
-                    row[co] = 0.0
+                    flat[r + np.uint64(co)] = codebook[idx[b + np.uint64(co) * stride]]
+                for co in range(valid, width):
+                    flat[r + np.uint64(co)] = 0
 
 
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
