@@ -114,10 +114,10 @@ def child_source(kind: str, **consts) -> str:
     return CHILD_PRELUDE + head + CHILD_CODE[kind] + CHILD_EPILOGUE
 
 
-def run_child(source: str, env: dict) -> dict:
+def run_child(source: str, env: dict, python: str | None = None) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", source],
+        [python or sys.executable, "-c", source],
         env=env,
         cwd=common.REPO,
         capture_output=True,

@@ -24,7 +24,15 @@ is ever decoded), escepe eager, onnxruntime (all exits), onnxruntime exit 0 only
 numba's cache is filled once beforehand (`escepe_rt.load(..., warmup=True)` in a child), as
 `escepe warmup` does on a device, so JIT compilation is not in the figures.
 
+`--runtime-python PY` adds the escepe scenarios run by another interpreter (suffix
+`_runtime_only`), meant to be one with only the runtime's dependencies, as on a device. Why:
+numba imports scipy, when it is installed, the first time it compiles or loads a cached
+function (to find BLAS for np.dot; escepe_rt does not use it), and the compiler's and the
+tests' dependencies install scipy. Each row records whether scipy was imported.
+
     python3 benchmarks/memory.py --out results/memory
+    python3 -m venv /tmp/rt && /tmp/rt/bin/pip install .    # numpy, numba, flatbuffers only
+    python3 benchmarks/memory.py --out results/memory --runtime-python /tmp/rt/bin/python
 """
 
 from __future__ import annotations
@@ -97,6 +105,7 @@ print(json.dumps({
     "rss_after_load_mb": rss_load,
     "rss_end_mb": _status("VmRSS"),
     "peak_rss_mb": _status("VmHWM"),
+    "scipy_imported": "scipy" in sys.modules,
     "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "runs": RUNS,
     "batch": BATCH,
@@ -211,6 +220,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inputs", type=int, default=256, help="distinct input samples cycled over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--runtime-python",
+        default=None,
+        help="also run the escepe scenarios with this interpreter (one with only the runtime's "
+        "dependencies, e.g. a venv with `pip install .`), as <scenario>_runtime_only",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite memory.md / memory.png from an existing OUT/memory.json, measuring nothing",
@@ -242,20 +257,29 @@ def main(argv=None) -> int:
     base_env["NUMBA_CACHE_DIR"] = numba_cache
     results: dict = {}
     try:
+        pythons = [None] + ([args.runtime_python] if args.runtime_python else [])
         for d in models.values():  # fill numba's cache (as `escepe warmup` does)
             warm = f"import escepe_rt, json; escepe_rt.load({d['escepe']!r}, warmup=True)\n"
-            cold_start.run_child(warm + "print(json.dumps({}))", base_env)
+            for py in pythons:
+                cold_start.run_child(warm + "print(json.dumps({}))", base_env, py)
+        scenarios = [(name, kind, opts, None) for name, (kind, opts) in SCENARIOS.items()]
+        if args.runtime_python:
+            scenarios += [
+                (f"{name}_runtime_only", kind, opts, args.runtime_python)
+                for name, (kind, opts) in SCENARIOS.items()
+                if kind == "escepe"
+            ]
         for name, d in models.items():
             for batch in batches:
                 group = f"{name} / batch {batch}"
                 results[group] = {}
-                for scenario, (kind, opts) in SCENARIOS.items():
+                for scenario, kind, opts, py in scenarios:
                     consts = {"INPUT": d["inputs"], "RUNS": args.runs, "BATCH": batch}
                     if kind == "escepe":
                         consts.update(MODEL=d["escepe"], **opts)
                     else:
                         consts.update(MODEL=d["onnx"][opts["ONNX"]], THREADS=args.threads)
-                    r = cold_start.run_child(child_source(kind, **consts), base_env)
+                    r = cold_start.run_child(child_source(kind, **consts), base_env, py)
                     results[group][scenario] = r
                     log.info(
                         "%s %s: peak %.1f MB, after import %.1f MB, after load %.1f MB%s",
@@ -282,6 +306,7 @@ def main(argv=None) -> int:
         "models": models,
         "results": results,
         "threshold0_decodes_only_section0_and_peaks_below_eager": lazy_ok,
+        "runtime_python": _packages(args.runtime_python) if args.runtime_python else None,
         "notes": {
             "peak_rss_mb": "VmHWM of the child: import + load + all predictions",
             "numba": "numba's cache was filled first, so no JIT compilation is measured",
@@ -292,6 +317,15 @@ def main(argv=None) -> int:
 
     write_report(args.out, result)
     return 0
+
+
+def _packages(python: str) -> dict:
+    """The interpreter and what its environment has installed (name -> version)."""
+    proc = subprocess.run(
+        [python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True
+    )
+    listed = json.loads(proc.stdout) if proc.returncode == 0 else []
+    return {"python": python, "packages": {p["name"]: p["version"] for p in listed}}
 
 
 def write_report(out: str, result: dict) -> None:
@@ -307,8 +341,14 @@ def write_report(out: str, result: dict) -> None:
                 [group, scenario]
                 + [r[c] for c in cols]
                 + ["-" if decoded is None else f"{len(decoded)}/{n_sec}"]
+                + [{True: "yes", False: "no"}.get(r.get("scipy_imported"), "?")]
             )
-    table = common.markdown_table(["model / batch", "scenario", *cols, "decoded"], rows)
+    head = ["model / batch", "scenario", *cols, "decoded", "scipy imported"]
+    table = common.markdown_table(head, rows)
+    rt = result.get("runtime_python")
+    if rt:
+        names = ", ".join(f"{k} {v}" for k, v in sorted(rt["packages"].items()))
+        table += f"\n\n`_runtime_only` rows: {rt['python']} with {names}."
     text = (
         f"### Peak memory, fresh process per row ({cfg['runs']} predictions, "
         f"{cfg['threads']} threads)\n\n{table}\n\n"
