@@ -520,6 +520,8 @@ def prepare_conv_weight(
     if groups < 1 or cout % groups != 0:
         raise ValueError(f"Cout={cout} is not divisible by groups={groups}")
     cin = cin_g * groups
+    if f16 and not _uses_panels(cout, groups):
+        raise ValueError("f16 panels are for ungrouped convs on the direct micro-kernels")
     if groups > 1 and cin_g == 1:
         # depthwise (with channel multiplier): (Cout, 1, kh, kw) -> (kh, kw, Cout)
         dw = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
@@ -668,6 +670,8 @@ def prepare_conv_weight_from_indices(
         raise ValueError(f"indices must be {cout * cin_g * kh * kw} uint8 values for {shape}")
     if groups < 1 or cout % groups != 0:
         raise ValueError(f"Cout={cout} is not divisible by groups={groups}")
+    if f16 and not _uses_panels(cout, groups):
+        raise ValueError("f16 panels are for ungrouped convs on the direct micro-kernels")
     if groups > 1 and cin_g == 1:  # depthwise: small, use the plain path
         return prepare_conv_weight(cb[idx].reshape(cout, cin_g, kh, kw), groups)
     cout_g = cout // groups

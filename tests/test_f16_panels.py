@@ -119,6 +119,11 @@ def test_f16_refuses_what_it_cannot_hold():
         K.prepare_conv_weight(exact, 1, winograd=True, f16=True)
     with pytest.raises(ValueError, match="output channels"):
         K.prepare_conv_weight(exact[:8], 1, f16=True)
+    with pytest.raises(ValueError, match="ungrouped"):
+        K.prepare_conv_weight(exact[:, :8], 2, f16=True)
+    with pytest.raises(ValueError, match="ungrouped"):
+        K.prepare_conv_weight_from_indices(idx[:, :8], np.float32([0, 1, 2, 3]), (32, 8, 3, 3), 2,
+                                           f16=True)  # fmt: skip
 
 
 def test_which_convs_run_f16(monkeypatch):
