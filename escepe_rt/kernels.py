@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import sys
 import threading
 from typing import NamedTuple
@@ -24,7 +23,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from escepe_rt import microkernel, parallel, spinpool
+from escepe_rt import microkernel, parallel, spinpool, vector_ir
 from escepe_rt.winograd import weights_of as winograd_weights
 
 __all__ = [
@@ -69,29 +68,13 @@ WINOGRAD = _WINOGRAD_ENV != "0"
 WINOGRAD_ALL = _WINOGRAD_ENV == "all"
 
 
-def _f16_converts_natively() -> bool:
-    """Whether this CPU widens float16 to float32 in one vector instruction (x86 F16C, every
-    aarch64): elsewhere LLVM would call a library routine per weight."""
-    try:
-        import llvmlite.binding as llvm
-        from numba.core import config
-
-        machine = platform.machine().lower()
-        if machine in ("aarch64", "arm64"):
-            return True
-        if machine not in ("x86_64", "amd64"):
-            return False
-        features = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
-        return "+f16c" in features.split(",")
-    except Exception:  # no feature list: stay on float32
-        return False
-
-
 # Direct convs whose weights are exact in float16 (codebooks the compiler rounded to float16,
 # RAW_F16 tensors) keep float16 panels, widened in registers by the micro-kernels: half the
-# memory and half the bytes streamed per forward pass, the same products (runs_f16).
+# memory and half the bytes streamed per forward pass, the same products (runs_f16). Only
+# where the CPU widens them in one instruction (vector_ir.HALF_NATIVE; elsewhere the kernels
+# widen them exactly with integer operations, too slow to be worth the memory by default).
 # ESCEPE_F16_PANELS=0 keeps every panel float32.
-F16_PANELS = os.environ.get("ESCEPE_F16_PANELS", "1").strip() != "0" and _f16_converts_natively()
+F16_PANELS = os.environ.get("ESCEPE_F16_PANELS", "1").strip() != "0" and vector_ir.HALF_NATIVE
 _EMPTY = np.empty(0, dtype=_F32)
 
 # Row-parallel kernels are written with prange but compiled serially: numba's OpenMP pool

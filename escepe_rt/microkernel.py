@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from escepe_rt import winograd
-from escepe_rt.vector_ir import Epilogue
+from escepe_rt.vector_ir import Epilogue, half_to_float
 
 LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
@@ -81,9 +81,9 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool =
             ptr_a = context.make_array(signature.args[0])(context, builder, args[0]).data
             ptr_o = context.make_array(signature.args[1])(context, builder, args[1]).data
             ptr_b = context.make_array(signature.args[6])(context, builder, args[6]).data
-            if f16:
-                hty = ir.VectorType(ir.HalfType(), lanes)
-                ptr_b = builder.bitcast(ptr_b, ir.HalfType().as_pointer())
+            if f16:  # float16 bit patterns, widened by vector_ir.half_to_float
+                hty = ir.VectorType(ir.IntType(16), lanes)
+                ptr_b = builder.bitcast(ptr_b, ir.IntType(16).as_pointer())
             ptr_c = context.make_array(signature.args[8])(context, builder, args[8]).data
             ptr_co = context.make_array(signature.args[9])(context, builder, args[9]).data
             o0, kh, a_ky, krow, b_off, c0, c_add = (
@@ -130,7 +130,7 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool =
                 hv = builder.load(
                     builder.bitcast(builder.gep(ptr_b, [b_at]), hty.as_pointer()), align=2
                 )
-                bv = builder.fpext(hv, vty)
+                bv = half_to_float(builder, hv)
             else:
                 bv = builder.load(builder.bitcast(builder.gep(ptr_b, [b_at]), vptr), align=4)
             new = []

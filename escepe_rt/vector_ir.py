@@ -4,9 +4,38 @@ of the conv epilogue both apply to their registers before the store."""
 
 from __future__ import annotations
 
+import platform
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+
+
+def _half_is_native() -> bool:
+    """Whether the CPU numba compiles for widens float16 to float32 in one instruction (x86
+    F16C, every aarch64). Elsewhere LLVM would lower `fpext half` to a call to __extendhfsf2,
+    which numba's JIT cannot resolve: the whole module fails to link ("LLVM ERROR: Symbol not
+    found", a process abort), as it did with NUMBA_CPU_NAME=generic before this check."""
+    try:
+        from numba.core import config
+
+        machine = platform.machine().lower()
+        if machine in ("aarch64", "arm64"):
+            return True
+        if machine not in ("x86_64", "amd64", "i686", "x86"):
+            return False
+        if config.CPU_NAME and config.CPU_NAME != "host":  # a portable cache: its features only
+            features = config.CPU_FEATURES or ""
+        else:
+            import llvmlite.binding as llvm
+
+            features = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+        return "+f16c" in features.split(",")
+    except Exception:  # no feature list: the integer widening, which is always exact
+        return False
+
+
+HALF_NATIVE = _half_is_native()
 
 
 def array_ptr(context, builder, sig, args, i):
@@ -60,3 +89,34 @@ class Epilogue:
         v = b.select(self.is_relu, relu, v)
         v = b.select(self.is_relu6, b.call(self.vmin, [relu, self.six]), v)
         b.store(v, vector_at(b, ptr_c, at, vty), align=4)
+
+
+def half_to_float(builder, bits, native: bool = HALF_NATIVE):
+    """<n x i16> float16 bit patterns -> <n x float>, exactly (every value, subnormals, inf and
+    NaN included). native: LLVM's fpext (one vcvtph2ps / fcvtl); otherwise integer operations
+    on the bits (after F. Giesen's half_to_float_fast), with no library call."""
+    n = bits.type.count
+    if native:
+        return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), n)),
+                             ir.VectorType(ir.FloatType(), n))  # fmt: skip
+    i32v = ir.VectorType(ir.IntType(32), n)
+    f32v = ir.VectorType(ir.FloatType(), n)
+
+    def splat(v):
+        return ir.Constant(i32v, [v] * n)
+
+    w = builder.zext(bits, i32v)
+    o = builder.shl(builder.and_(w, splat(0x7FFF)), splat(13))  # exponent and mantissa
+    exp = builder.and_(o, splat(0x7C00 << 13))
+    o = builder.add(o, splat((127 - 15) << 23))  # rebias the exponent
+    infnan = builder.icmp_unsigned("==", exp, splat(0x7C00 << 13))
+    o = builder.select(infnan, builder.add(o, splat((128 - 16) << 23)), o)
+    # zero / subnormal: exponent 1 of the float, minus 2^-14 in float arithmetic (exact)
+    den = builder.fsub(
+        builder.bitcast(builder.add(o, splat(1 << 23)), f32v),
+        builder.bitcast(splat(113 << 23), f32v),
+    )
+    tiny = builder.icmp_unsigned("==", exp, splat(0))
+    o = builder.select(tiny, builder.bitcast(den, i32v), o)
+    o = builder.or_(o, builder.shl(builder.and_(w, splat(0x8000)), splat(16)))
+    return builder.bitcast(o, f32v)

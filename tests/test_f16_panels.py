@@ -173,3 +173,84 @@ def test_a_model_with_float16_codebooks_runs_f16_and_answers_the_same(tmp_path, 
     for a, b in zip(answers[True][1:], answers[False][1:]):
         np.testing.assert_array_equal(a.logits, b.logits)
         np.testing.assert_array_equal(a.exit_index, b.exit_index)
+
+
+def _widener(native: bool):
+    """An njit function widening float16 bit patterns (uint16, a multiple of 16 of them) to
+    float32 with vector_ir.half_to_float, 16 at a time."""
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    from escepe_rt.vector_ir import array_ptr, half_to_float, vector_at
+
+    @intrinsic
+    def widen16(typingctx, src, at, dst):
+        def codegen(context, builder, sig, args):
+            ps = builder.bitcast(array_ptr(context, builder, sig, args, 0),
+                                 ir.IntType(16).as_pointer())  # fmt: skip
+            pd = array_ptr(context, builder, sig, args, 2)
+            vh = ir.VectorType(ir.IntType(16), 16)
+            bits = builder.load(vector_at(builder, ps, args[1], vh), align=2)
+            v = half_to_float(builder, bits, native)
+            builder.store(v, vector_at(builder, pd, args[1], v.type), align=4)
+            return context.get_dummy_value()
+
+        return types.void(src, at, dst), codegen
+
+    @numba.njit
+    def widen(src, dst):
+        for i in range(0, src.shape[0], 16):
+            widen16(src, i, dst)
+
+    return widen
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_half_to_float_is_exact_for_every_float16(native):
+    """All 65,536 bit patterns == numpy's float16 -> float32 (NaNs: NaN), both the native
+    instruction (where this CPU has one) and the integer widening other CPUs get."""
+    from escepe_rt import vector_ir
+
+    if native and not vector_ir.HALF_NATIVE:
+        pytest.skip("this CPU has no native float16 widening")
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = np.empty(bits.size, np.float32)
+    _widener(native)(bits, got)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_a_portable_numba_target_runs_f16_panels_without_native_widening(tmp_path):
+    """NUMBA_CPU_NAME=generic (a portable cache) has no F16C: the tiles must then widen with
+    integer operations. `fpext half` there became a call numba's JIT cannot link, and the
+    process aborted at the first conv ("LLVM ERROR: Symbol not found: __extendhfsf2")."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    import textwrap
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        pytest.skip("every aarch64 CPU widens float16 in one instruction")
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from escepe_rt import kernels as K, vector_ir
+        assert not vector_ir.HALF_NATIVE and not K.F16_PANELS
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((64, 32, 3, 3)).astype(np.float16).astype(np.float32)
+        x = rng.standard_normal((1, 6, 7, 32)).astype(np.float32)
+        a = K.conv2d(x, K.prepare_conv_weight(w, 1), None, None, 1, 1, 1, 0).copy()
+        b = K.conv2d(x, K.prepare_conv_weight(w, 1, f16=True), None, None, 1, 1, 1, 0)
+        assert np.array_equal(a, b)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
