@@ -178,20 +178,14 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool =
 
 _tile8 = _make_tile(8)
 _tile4 = _make_tile(4)
-_tile2 = _make_tile(2)
-_tile1 = _make_tile(1)
 _sums8 = _make_tile(8, epilogue=False)
 _sums4 = _make_tile(4, epilogue=False)
 _sums2 = _make_tile(2, epilogue=False)
 _sums1 = _make_tile(1, epilogue=False)
 _half8 = _make_tile(8, lanes=LANES // 2)
 _half4 = _make_tile(4, lanes=LANES // 2)
-_half2 = _make_tile(2, lanes=LANES // 2)
-_half1 = _make_tile(1, lanes=LANES // 2)
 _f16_8 = _make_tile(8, f16=True)
 _f16_4 = _make_tile(4, f16=True)
-_f16_2 = _make_tile(2, f16=True)
-_f16_1 = _make_tile(1, f16=True)
 
 # geom[7]: what a conv's weights are (kernels.ConvWeight.kind)
 KIND_F32, KIND_WINOGRAD, KIND_F16 = 0, 1, 2
@@ -234,8 +228,11 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     npx = m1 - m0
     # each pixel's input and output offsets, walked without a division per pixel (two 64-bit
     # divisions per pixel cost ~8 us on a 28x28 output, more than a 1x1 conv's multiply-adds)
-    offs = np.empty(npx, dtype=np.int64)
-    outs = np.empty(npx, dtype=np.int64)
+    # (3 more entries: a tail of 1-3 pixels runs a 4-pixel tile whose extra rows repeat the last
+    # pixel, reading the same input and writing the same value to the same place again; the
+    # 2- and 1-pixel tiles this replaces cost ~1 s of a cold cache's compile, CPU time)
+    offs = np.empty(npx + 3, dtype=np.int64)
+    outs = np.empty(npx + 3, dtype=np.int64)
     ox = m0 % wo
     t = m0 // wo
     oy = t % ho
@@ -254,6 +251,9 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
                 oy = 0
                 row += (hp - ho * sh) * wp
                 out_row += (hq - ho) * wq
+    for e in range(npx, npx + 3 if npx else 0):
+        offs[e] = offs[npx - 1]
+        outs[e] = outs[npx - 1]
     # A partial last block (Cout % LANES channels) runs its tiles on an (8, LANES) scratch (its
     # residual copied in, its valid channels copied out), so no vector store reaches past the
     # block's channels into another block's, another chunk's pixels or past the end of out.
@@ -281,19 +281,14 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
         i = 0
         while i < npx:
             rows = min(8, npx - i)
+            wide = rows >= 8
+            done = 8 if wide else min(4, rows)  # a tail of 1-3 pixels: a 4-pixel tile, see above
             if half:
-                if rows >= 8:
+                if wide:
                     _half8(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
-                    i += 8
-                elif rows >= 4:
-                    _half4(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
-                    i += 4
-                elif rows >= 2:
-                    _half2(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
-                    i += 2
                 else:
-                    _half1(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
-                    i += 1
+                    _half4(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
+                i += done
                 continue
             direct = valid == LANES or (cout < LANES and i + rows < npx)
             if direct:
@@ -301,12 +296,12 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
             else:
                 c, c_offs, c0, c_add, r_in = tmp, tmp_outs, i - i, cb - cb, tmp_res
                 if has_res:
-                    for r in range(rows):
+                    for r in range(done):
                         at = outs[i + r] + cb
                         for k in range(valid):
                             src_res[r * LANES + k] = flat_res[at + k]
-            # the widest tile that fits (one call site per tile width: compile time)
-            if rows >= 8:
+            # one call site per tile (compile time); float16 panels: the f16 tiles
+            if wide:
                 if f16:
                     _f16_8(
                         xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
@@ -315,37 +310,10 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
                     _tile8(
                         xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
                     )
-                done = 8
-            elif rows >= 4:
-                if f16:
-                    _f16_4(
-                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
-                    )
-                else:
-                    _tile4(
-                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
-                    )
-                done = 4
-            elif rows >= 2:
-                if f16:
-                    _f16_2(
-                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
-                    )
-                else:
-                    _tile2(
-                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
-                    )
-                done = 2
+            elif f16:
+                _f16_4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
             else:
-                if f16:
-                    _f16_1(
-                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
-                    )
-                else:
-                    _tile1(
-                        xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep
-                    )
-                done = 1
+                _tile4(xp, offs, i, kh, a_ky, krow, w, b_off, c, c_offs, c0, c_add, epi, r_in, ep)
             if not direct:
                 for r in range(done):
                     at = outs[i + r] + cb
