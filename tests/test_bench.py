@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+import escepe_rt
 from compiler.cli import main
 from escepe_rt.bench import benchmark, format_report
 
@@ -19,6 +20,13 @@ def test_benchmark_reports_every_number():
     assert r["load_first_ms"] > 0 and r["load_median_ms"] > 0
     assert [s["section"] for s in r["sections"]] == [0, 1, 2, 3]
     assert all(s["f32_weight_bytes"] > 0 and s["decode_ms"] > 0 for s in r["sections"])
+    # throughput counts every weight as float32 (the shipped file keeps float32 panels, padded)
+    spec = escepe_rt.load(EXAMPLE).spec
+    for s in r["sections"]:
+        begin, end = spec.sections[s["section"]]
+        weights = [spec.nodes[i].weight for i in range(begin, end)]
+        count = sum(int(np.prod(spec.tensors[w].shape)) for w in weights if w >= 0)
+        assert s["f32_weight_bytes"] == 4 * count and s["bytes_kept"] >= s["f32_weight_bytes"]
     assert {(row["mode"], row["batch"]) for row in r["latency"]} == {
         (m, b) for m in ("early_exit", "dense") for b in (1, 4)
     }
