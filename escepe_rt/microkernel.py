@@ -229,8 +229,10 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
     # each pixel's input and output offsets, walked without a division per pixel (two 64-bit
     # divisions per pixel cost ~8 us on a 28x28 output, more than a 1x1 conv's multiply-adds)
     # (3 more entries: a tail of 1-3 pixels runs a 4-pixel tile whose extra rows repeat the last
-    # pixel, reading the same input and writing the same value to the same place again; the
-    # 2- and 1-pixel tiles this replaces cost ~1 s of a cold cache's compile, CPU time)
+    # pixel, reading the same input and writing the same value to the same place again, which
+    # holds because res never is out when has_res (a residual written over in place would be
+    # read again changed); the 2- and 1-pixel tiles this replaces cost ~1 s of a cold cache's
+    # compile, CPU time)
     offs = np.empty(npx + 3, dtype=np.int64)
     outs = np.empty(npx + 3, dtype=np.int64)
     ox = m0 % wo
