@@ -92,7 +92,9 @@ PROB_BITS = 12  # 14 measured no smaller on the shipped example, and its tables 
 MIN_PROB_BITS = 10
 MAX_PROB_BITS = 15
 MAX_LANES = 32
-WRITER_MAX_LANES = 8  # measured: 16 and 32 lanes decode no faster (~2.4 GB/s), cost 4 B a lane
+# 16 and 32 lanes decoded no faster (~2.4 GB/s, when every lane count had a fast loop) and cost
+# 4 B a lane; _decode_loop's fast part now serves 8 lanes only
+WRITER_MAX_LANES = 8
 RANS_L = 1 << 16  # lower bound of the normalised state interval [L, 2^32)
 
 _FIXED = 8  # bytes before the freq table
