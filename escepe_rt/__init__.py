@@ -184,14 +184,7 @@ class Model:
             self._executor.predict(_to_nhwc(x[i : i + n]), self.thresholds, self.policy)
             for i in range(0, len(x), n)
         ]
-        if len(parts) == 1:
-            return parts[0]
-        return Prediction(
-            *(
-                np.concatenate([getattr(p, f) for p in parts])
-                for f in ("labels", "exit_index", "confidence", "logits")
-            )
-        )
+        return Prediction.concat(parts)
 
     def run_all_exits(self, x: np.ndarray) -> list[np.ndarray]:
         """Logits (N, K) of every exit for every sample (no early exit)."""

@@ -182,6 +182,7 @@ def benchmark(
         # None: batches up to executor.PROGRAM_MAX_BATCH run as section programs
         "programs_unavailable": m_ee._executor.program_unavailable,
         "program_max_batch": m_ee._executor._program_max_batch,
+        "arena_batch": m_ee._executor._arena_batch,
         "conv_kernels": conv_kernels(m_ee),
         "latency": latency,
         "exit_histogram": {
@@ -269,7 +270,13 @@ def format_report(r: dict) -> str:
         )
     why = r.get("programs_unavailable")
     lines.append(
-        f"\nbatches up to {r['program_max_batch']} run as section programs (one nogil call each)"
+        f"\nbatches up to {r['program_max_batch']} run as section programs (one nogil call each"
+        + (
+            f"; in sub-batches of {r['arena_batch']}, the arena's budget"
+            if r.get("arena_batch", r["program_max_batch"]) < r["program_max_batch"]
+            else ""
+        )
+        + ")"
         if why is None
         else f"\nsection programs off ({why}): every batch runs the step lists"
     )

@@ -38,6 +38,18 @@ class Prediction:
     confidence: np.ndarray  # (N,) float32, the policy's confidence at that exit
     logits: np.ndarray  # (N, K) float32 from the answering exit
 
+    @staticmethod
+    def concat(parts: list[Prediction]) -> Prediction:
+        """The predictions of consecutive parts of a batch, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return Prediction(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("labels", "exit_index", "confidence", "logits")
+            )
+        )
+
 
 def confidence(logits: np.ndarray, policy: int) -> np.ndarray:
     """(N,) confidence in [0, 1]: max softmax, or 1 - normalised entropy."""
@@ -103,6 +115,10 @@ class Executor:
         # with more than two threads, big batches cut their convs for escepe_rt.parallel's pool,
         # which a program cannot call
         self._program_max_batch = PROGRAM_MAX_BATCH if parallel.POOL.threads <= 2 else 1
+        # a batch the programs take runs in sub-batches of this many samples, so that the arena
+        # stays under ARENA_BYTES whatever the batch
+        per_sample = 4 * self._layout.per_sample if self._layout is not None else 1
+        self._arena_batch = max(1, min(self._program_max_batch, ARENA_BYTES // per_sample))
         self._programs: dict[tuple[int, bool], program.Program] = {}
         self._arena: np.ndarray | None = None
         self._arena_views: dict | None = None
@@ -329,7 +345,7 @@ class Executor:
     def _claim_arena(self, x_nhwc: np.ndarray) -> np.ndarray | None:
         """The arena holding x with its lock held, or None: the step lists run (no program for
         this model, a batch above the programs' limit, or another thread holds the arena). The
-        arena grows to the biggest batch seen and is kept."""
+        arena grows to the biggest batch (or sub-batch, see ARENA_BYTES) seen and is kept."""
         n = x_nhwc.shape[0]
         if not self._programs_apply(n) or not self._arena_lock.acquire(blocking=False):
             return None
@@ -380,7 +396,19 @@ class Executor:
             whole[: int(keep.sum())] = whole[keep]
 
     # ------------------------------------------------------------------ running
+    def _sub_batches(self, x_nhwc: np.ndarray) -> list[np.ndarray] | None:
+        """x cut in sub-batches of the arena's size, or None when it runs whole (it fits, or
+        the programs do not take it)."""
+        n, sub = x_nhwc.shape[0], self._arena_batch
+        if n <= sub or not self._programs_apply(n):
+            return None
+        return [x_nhwc[i : i + sub] for i in range(0, n, sub)]
+
     def run_all_exits(self, x_nhwc: np.ndarray) -> list[np.ndarray]:
+        parts = self._sub_batches(x_nhwc)
+        if parts is not None:
+            outs = [self.run_all_exits(p) for p in parts]
+            return [np.concatenate(per_exit) for per_exit in zip(*outs)]
         arena = self._claim_arena(x_nhwc)
         if arena is not None:
             try:
@@ -404,6 +432,9 @@ class Executor:
         return out
 
     def predict(self, x_nhwc: np.ndarray, thresholds: list[float], policy: int) -> Prediction:
+        parts = self._sub_batches(x_nhwc)
+        if parts is not None:
+            return Prediction.concat([self.predict(p, thresholds, policy) for p in parts])
         arena = self._claim_arena(x_nhwc)
         if arena is not None:
             try:
@@ -616,7 +647,12 @@ def _act(y: np.ndarray, act: int) -> np.ndarray:
 # (escepe_rt.parallel). Only batch 1 and 32 were measured (see Pool.blas_threaded).
 OWN_THREADS_MIN_BATCH = 2
 # Batches up to this size run as section programs (escepe_rt/program.py) on models that allow
-# them; the arena is kept and grows to the biggest such batch (888 KB per sample for ResNet-18
-# width 64: 28 MB at 32, 57 MB at 64; its batch-32 peak RSS fell from 302 to 248 MB,
-# benchmarks/memory.py, because the step lists kept every activation of a pass alive).
+# them; the arena is kept and grows to the biggest such batch, or sub-batch (ResNet-18 width
+# 64's batch-32 peak RSS fell from 302 to 248 MB, benchmarks/memory.py, because the step lists
+# kept every activation of a pass alive).
 PROGRAM_MAX_BATCH = 64
+# Arena bytes above which a batch runs through the programs in sub-batches: per-sample results
+# do not depend on the batch, and a few samples already reuse the convs' weights enough.
+# ResNet-18 width 64 (888 KB a sample) runs batch 32 as 18 + 14: peak RSS 12-16 MB lower, the
+# same ms per sample (4 alternating processes each, dense and early exit, ad hoc).
+ARENA_BYTES = 16 << 20

@@ -256,6 +256,28 @@ def test_arena_grows_to_the_biggest_batch_and_bigger_batches_use_the_step_lists(
         assert prog._arena.size == cap * per_sample
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.6, 2.0])
+def test_batches_above_the_arena_budget_run_in_sub_batches(models, monkeypatch, threshold):
+    """With ARENA_BYTES room for 3 samples, a batch of 8 runs as sub-batches of 3, 3 and 2: the
+    arena stays at 3 samples, and every exit's logits and every answer equal the step lists'
+    (per-sample results do not depend on the batch)."""
+    from escepe_rt import executor
+
+    m = models["fashion"]
+    monkeypatch.setattr(executor, "ARENA_BYTES", 3 * 4 * _executors(m)[0]._layout.per_sample)
+    prog, steps = _executors(m)
+    assert prog._arena_batch == 3
+    x = _nhwc(np.random.default_rng(9).standard_normal((8, *m.input_shape), dtype=np.float32))
+    for a, b in zip(prog.run_all_exits(x), steps.run_all_exits(x)):
+        np.testing.assert_array_equal(a, b)
+    thresholds = [threshold] * len(m.spec.exits)
+    got = prog.predict(x, thresholds, m.policy)
+    want = steps.predict(x, thresholds, m.policy)
+    for f in ("labels", "exit_index", "confidence", "logits"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    assert prog._arena.size == 3 * prog._layout.per_sample
+
+
 def test_step_lists_drop_each_value_after_its_last_reader(models):
     """Without keep_values, env keeps only what later sections and the caller read: the input,
     the exit's logits and the values live after the section (big batches hold their largest
