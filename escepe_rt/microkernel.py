@@ -28,11 +28,10 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from escepe_rt import winograd
-from escepe_rt.vector_ir import Epilogue, half_to_float
+from escepe_rt.vector_ir import Epilogue, array_ptr, half_to_float, vector_at, vector_fn
 
 LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
@@ -77,22 +76,19 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool =
         def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
             vty = ir.VectorType(ir.FloatType(), lanes)
-            vptr = vty.as_pointer()
-            ptr_a = context.make_array(signature.args[0])(context, builder, args[0]).data
-            ptr_o = context.make_array(signature.args[1])(context, builder, args[1]).data
-            ptr_b = context.make_array(signature.args[6])(context, builder, args[6]).data
+            ptr_a = array_ptr(context, builder, signature, args, 0)
+            ptr_o = array_ptr(context, builder, signature, args, 1)
+            ptr_b = array_ptr(context, builder, signature, args, 6)
             if f16:  # float16 bit patterns, widened by vector_ir.half_to_float
                 hty = ir.VectorType(ir.IntType(16), lanes)
                 ptr_b = builder.bitcast(ptr_b, ir.IntType(16).as_pointer())
-            ptr_c = context.make_array(signature.args[8])(context, builder, args[8]).data
-            ptr_co = context.make_array(signature.args[9])(context, builder, args[9]).data
+            ptr_c = array_ptr(context, builder, signature, args, 8)
+            ptr_co = array_ptr(context, builder, signature, args, 9)
             o0, kh, a_ky, krow, b_off, c0, c_add = (
                 context.cast(builder, args[i], signature.args[i], types.int64)
                 for i in (2, 3, 4, 5, 7, 10, 11)
             )
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.v{lanes}f32"
-            )
+            fma = vector_fn(builder, "fma", vty, 3)
             undef = ir.Constant(vty, ir.Undefined)
             splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
             zero = ir.Constant(vty, None)
@@ -127,12 +123,10 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool =
             builder.position_at_end(k_body)
             b_at = builder.add(b_ky_off, builder.mul(k, ir.Constant(i64, LANES)))
             if f16:
-                hv = builder.load(
-                    builder.bitcast(builder.gep(ptr_b, [b_at]), hty.as_pointer()), align=2
-                )
+                hv = builder.load(vector_at(builder, ptr_b, b_at, hty), align=2)
                 bv = half_to_float(builder, hv)
             else:
-                bv = builder.load(builder.bitcast(builder.gep(ptr_b, [b_at]), vptr), align=4)
+                bv = builder.load(vector_at(builder, ptr_b, b_at, vty), align=4)
             new = []
             for r in range(rows):
                 av = builder.load(builder.gep(a_rows[r], [k]), align=4)
@@ -158,12 +152,11 @@ def _make_tile(rows: int, epilogue: bool = True, lanes: int = LANES, f16: bool =
                 for r in range(rows):
                     at = builder.add(c0, ir.Constant(i64, r))
                     off = builder.add(builder.load(builder.gep(ptr_co, [at])), c_add)
-                    dst = builder.bitcast(builder.gep(ptr_c, [off]), vptr)
-                    builder.store(accs_ky[r], dst, align=4)
+                    builder.store(accs_ky[r], vector_at(builder, ptr_c, off, vty), align=4)
                 return context.get_dummy_value()
             # epilogue: epi = [scale (cp), shift (cp)] flat; ep = (cb, cp, has_res, act)
-            ptr_e = context.make_array(signature.args[12])(context, builder, args[12]).data
-            ptr_r = context.make_array(signature.args[13])(context, builder, args[13]).data
+            ptr_e = array_ptr(context, builder, signature, args, 12)
+            ptr_r = array_ptr(context, builder, signature, args, 13)
             epi_ops = Epilogue(context, builder, vty, ptr_e, args[14], signature.args[14])
             for r in range(rows):
                 at = builder.add(c0, ir.Constant(i64, r))
