@@ -249,13 +249,15 @@ def bake_codebooks(model: nn.Module) -> None:
     to the float16 grid (see the module docstring; a shared centroid is rounded once)."""
     from torch.nn.utils import parametrize
 
+    shared = {}  # one centroids Parameter per section, shared by its layers
     for mod in model.modules():
         if parametrize.is_parametrized(mod, "weight"):
             for p in mod.parametrizations["weight"]:
                 if isinstance(p, ClusteredWeight):
-                    with torch.no_grad():
-                        c = p.centroids
-                        c.copy_(torch.from_numpy(float16_grid(c.detach().cpu().numpy())))
+                    shared[id(p.centroids)] = p.centroids
+    with torch.no_grad():
+        for c in shared.values():
+            c.copy_(torch.from_numpy(float16_grid(c.detach().cpu().numpy())))
     for mod in list(model.modules()):
         if parametrize.is_parametrized(mod, "weight"):
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)

@@ -209,15 +209,13 @@ class Executor:
             wino = kernels.runs_winograd(
                 cout, cin_g * groups, groups, (kh, kw), o["stride"], o["dilation"], (ho, wo)
             )
-            if t.encoding == Encoding.RAW_F16:
-                exact = True
-            elif t.encoding == Encoding.RAW_F32:
-                exact = False
+            if t.encoding in (Encoding.RAW_F16, Encoding.RAW_F32):
+                exact = t.encoding == Encoding.RAW_F16
             else:
-                exact = kernels.half_exact(self.spec.codebooks[t.codebook][1])
+                codebook = self.spec.codebooks[t.codebook][1]
+                exact = kernels.half_exact(codebook)
             f16 = kernels.runs_f16(cout, groups, o["dilation"][1], wino, exact)
             if t.encoding in _RANS:  # indices gathered straight into the sgemm layout
-                codebook = self.spec.codebooks[t.codebook][1]
                 idx = self._decode_rans(node.weight, None)
                 return kernels.prepare_conv_weight_from_indices(
                     idx, codebook, t.shape, groups, wino, f16

@@ -503,8 +503,8 @@ def prepare_conv_weight(
     if groups < 1 or cout % groups != 0:
         raise ValueError(f"Cout={cout} is not divisible by groups={groups}")
     cin = cin_g * groups
-    if f16 and not _uses_panels(cout, groups):
-        raise ValueError("f16 panels are for ungrouped convs on the direct micro-kernels")
+    if f16:
+        _check_f16(cout, groups, winograd)
     if groups > 1 and cin_g == 1:
         # depthwise (with channel multiplier): (Cout, 1, kh, kw) -> (kh, kw, Cout)
         dw = np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
@@ -590,27 +590,36 @@ def half_exact(values) -> bool:
         return bool(np.array_equal(v.astype(np.float16).astype(_F32), v))
 
 
+def _f16_unfit(cout: int, groups: int, winograd: bool) -> str | None:
+    """Why a conv's weights cannot be float16 panels (None: they can): the panels of an
+    ungrouped conv on the full-width tiles (not Cout == LANES / 2), not Winograd weights (their
+    transformed values are not exact in float16)."""
+    if not _uses_panels(cout, groups):
+        return "f16 panels are for ungrouped convs on the direct micro-kernels"
+    if cout == _LANES // 2:
+        return f"f16 panels need more than {_LANES // 2} output channels"
+    if winograd:
+        return "Winograd weights are float32: they are not exact in float16"
+    return None
+
+
+def _check_f16(cout: int, groups: int, winograd: bool) -> None:
+    why = _f16_unfit(cout, groups, winograd)
+    if why is not None:
+        raise ValueError(why)
+
+
 def runs_f16(cout: int, groups: int, dilation_w: int, winograd: bool, exact: bool) -> bool:
-    """Whether a conv keeps float16 panels: weights exact in float16 (`exact`), on the direct
-    micro-kernels with full-width tiles (not Cout == LANES / 2, not Winograd, whose transformed
-    weights are not exact), on a CPU that widens float16 natively (F16_PANELS)."""
-    return (
-        F16_PANELS
-        and exact
-        and not winograd
-        and runs_direct(cout, groups, dilation_w)
-        and cout != _LANES // 2
-    )
+    """Whether a conv keeps float16 panels: weights exact in float16 (`exact`), panels that
+    can be float16 (_f16_unfit) on the direct micro-kernels (no width dilation), on a CPU that
+    widens float16 natively (F16_PANELS)."""
+    return F16_PANELS and exact and dilation_w == 1 and _f16_unfit(cout, groups, winograd) is None
 
 
 def _with_panels(w: ConvWeight, winograd: bool) -> ConvWeight:
     """w, its panels replaced by Winograd weights if `winograd` (the panels are then dropped)."""
     if not winograd:
-        if w.kind == microkernel.KIND_F16 and w.Cout == _LANES // 2:
-            raise ValueError(f"f16 panels need more than {_LANES // 2} output channels")
         return w
-    if w.kind == microkernel.KIND_F16:
-        raise ValueError("Winograd weights are float32: they are not exact in float16")
     if (w.kh, w.kw) != (3, 3) or w.Cin % _LANES or w.Cout % _LANES:
         raise ValueError(
             f"Winograd needs a 3x3 conv with channels in multiples of {_LANES}, "
@@ -653,23 +662,23 @@ def prepare_conv_weight_from_indices(
         raise ValueError(f"indices must be {cout * cin_g * kh * kw} uint8 values for {shape}")
     if groups < 1 or cout % groups != 0:
         raise ValueError(f"Cout={cout} is not divisible by groups={groups}")
-    if f16 and not _uses_panels(cout, groups):
-        raise ValueError("f16 panels are for ungrouped convs on the direct micro-kernels")
+    if f16:
+        _check_f16(cout, groups, winograd)
     if groups > 1 and cin_g == 1:  # depthwise: small, use the plain path
         return prepare_conv_weight(cb[idx].reshape(cout, cin_g, kh, kw), groups)
     cout_g = cout // groups
     if _uses_panels(cout, groups):
         # the panels are the sgemm matrix of LANES-wide column blocks: gather block by block
-        shape = (-(-cout // _LANES), kh * kw * cin_g, _LANES)
+        panel_shape = (-(-cout // _LANES), kh * kw * cin_g, _LANES)
         if f16:
             if not half_exact(cb):
                 raise ValueError("f16 panels need a codebook that is exact in float16")
-            bits = np.empty(shape, dtype=np.uint16)  # float16 bit patterns (+0.0 is 0)
+            bits = np.empty(panel_shape, dtype=np.uint16)  # float16 bit patterns (+0.0 is 0)
             _gather_gemm(idx, cb.astype(np.float16).view(np.uint16), _LANES, cin_g, kh * kw,
                          cout, bits)  # fmt: skip
             panels = bits.view(np.float16)
         else:
-            panels = np.empty(shape, dtype=_F32)
+            panels = np.empty(panel_shape, dtype=_F32)
             _gather_gemm(idx, cb, _LANES, cin_g, kh * kw, cout, panels)
         return _with_panels(ConvWeight(cout, cin_g, kh, kw, 1, None, None, panels), winograd)
     gemm = np.empty((groups, kh * kw * cin_g, cout_g), dtype=_F32)
