@@ -1,9 +1,10 @@
 """numba's on-disk cache, made stale by a change to any of the package's sources.
 
 numba stamps a cached function with its own source file only, but a kernel compiles in the
-numba functions it calls from other modules: spinpool._run_job carries a copy of
-microkernel.conv_direct. After microkernel.py changed (an upgrade, a git pull, an edit), the
-cached _run_job kept running the old conv_direct: in development that silently returned NaNs.
+numba functions it calls from other modules: spinpool's C entry (spinpool._chunk) carries a
+copy of microkernel.conv_direct. After microkernel.py changed (an upgrade, a git pull, an
+edit), a cached caller kept running the old conv_direct: in development that silently
+returned NaNs.
 Here every escepe_rt function's stamp is a digest of all of escepe_rt's .py files, so any
 change recompiles every kernel once. Functions outside the package keep numba's own stamps.
 Installed when this module is imported (escepe_rt/__init__.py imports it first).

@@ -983,19 +983,23 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     units = microkernel.work(args[7], n, ho, wo)
     pool = parallel.POOL
     macs = n * ho * wo * cout * w.kh * w.kw * xp.shape[3]
-    # every call from Python enters through conv_chunk (the whole conv: one chunk of every
-    # block): one numba entry point fewer to compile on a cold cache
+    # every conv runs through spinpool's C entry (compiled once, see spinpool._chunk)
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
-        microkernel.conv_chunk(*args, True, blocks, units, 0)
+        spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)
         return
     if pool.threads == 2 or macs < PARALLEL_MIN_MACS:
         # the caller + one spinning worker, handed over without the GIL (escepe_rt/spinpool.py)
         by_blocks, step, n_chunks = microkernel.split(blocks, units, 4, w.winograd)
         if not spinpool.PAIR.run(args, by_blocks, step, units, n_chunks):
-            microkernel.conv_chunk(*args, True, blocks, units, 0)  # worker busy: run alone
+            spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)  # worker busy
         return
     by_blocks, step, n_chunks = microkernel.split(blocks, units, 2 * pool.threads, w.winograd)
-    pool.run(lambda i: microkernel.conv_chunk(*args, by_blocks, step, units, i), n_chunks)
+    desc = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, dtype=np.int64))
+    spinpool.describe(desc, *args, by_blocks, step, units, n_chunks)
+    pool.run(lambda i: spinpool.run_chunk(desc, i), n_chunks)
+
+
+_ALONE = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # only its ENTRY word is read
 
 
 def _conv_rows(x, wmat, out2d, res2d, m0, m1, pointwise, geom, epi):

@@ -455,7 +455,7 @@ def work(geom, n, ho, wo):
     return n * ho * wo
 
 
-@_jit
+@numba.njit(cache=True, nogil=True, inline="always")  # into spinpool's C entry
 def conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i):
     """Chunk i of a conv cut for threads: `step` channel blocks (by_blocks) or `step` of the
     `total` work units (conv_range's other arguments as there)."""

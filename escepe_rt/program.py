@@ -295,10 +295,10 @@ def execute(program: Program, arena: np.ndarray, n: int, cap: int) -> None:
     if parallel.POOL.threads > 1:
         spinpool.PAIR.run_sequence(run, program.code, arena, n, cap)
     else:
-        run(_UNSHARED, 0, False, program.code, arena, n, cap)
+        run(spinpool.with_entry(_UNSHARED), 0, False, program.code, arena, n, cap)
 
 
-_UNSHARED = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # never read: no job is posted
+_UNSHARED = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # only its ENTRY word is read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,10 +378,7 @@ def _conv(ins, base, cap, n, ctrl, seq, shared):
                 ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, chunks
             )
         else:
-            first = total - total  # not a literal 0: conv_direct compiles once (see conv_chunk)
-            microkernel.conv_range(
-                xp, w, out, res, has_res, epi, act, geom, first, blocks, first, total
-            )
+            spinpool.run_alone(ctrl[spinpool.ENTRY], xp, w, out, res, has_res, epi, act, geom)
     return seq
 
 

@@ -4,8 +4,9 @@ escepe_rt.parallel's Python pool costs ~50-110 us per hand-off on a small VM (a 
 plus GIL hand-offs, `benchmarks/batch1_threads.py`): a tenth of a 0.5 ms conv, more than a whole
 28x28x16 one. Here one worker thread waits for work by spinning inside a numba function that
 holds no GIL and never returns to Python while there is work: the caller describes each conv in
-a control block (array addresses, shapes, options) from inside its own nogil call, and the
-worker rebuilds the arrays from that description (numba.carray). A hand-off is a few atomic
+a control block (array addresses, shapes, options) from inside its own nogil call, and both
+run its chunks through one C entry that rebuilds the arrays from that description
+(numba.carray; see _chunk for why every conv goes through it). A hand-off is a few atomic
 memory operations, so kernels._conv_direct shares convs down to PAIR_MIN_MACS (2^18)
 multiply-adds, e.g. every 3x3 conv of a 28x28 Fashion-MNIST model at batch 1.
 
@@ -31,6 +32,7 @@ slot busy runs its conv alone.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numba
@@ -142,6 +144,7 @@ def _f32_ptr(typingctx, addr):
 
 # The job descriptor: words of ctrl from DESC on (a cache line away from the hot counters), so
 # the worker rebuilds the job's arrays without the GIL (numba.carray over the caller's memory).
+# A conv run alone has the same descriptor in a private array (run_alone, describe).
 DESC = 8
 XP, XP_SHAPE = DESC, DESC + 1  # address, 4 dims
 W, W_SHAPE = DESC + 5, DESC + 6  # 3 dims
@@ -150,15 +153,137 @@ RES, EPI, EPI_LEN = DESC + 14, DESC + 15, DESC + 16
 HAS_RES, ACT, GEOM = DESC + 17, DESC + 18, DESC + 19  # geom: GEOM_WORDS words
 GEOM_WORDS = 8
 BY_BLOCKS, STEP, TOTAL, CHUNKS = DESC + 27, DESC + 28, DESC + 29, DESC + 30
+ENTRY = DESC + 31  # the address of the conv kernels' C entry (chunk_entry; set once, by Python)
 CTRL_WORDS = DESC + 32
 
 
+# Every conv chunk runs through one C callback, compiled once, that the nogil callers (_run_job,
+# the worker's _serve, run_alone, section programs) call through its address in the descriptor.
+# numba compiles a jitted callee into each caller's machine code again (it links callees in as
+# linkonce_odr copies), and the micro-kernels are most of the runtime's code: called directly
+# from five entry points, a cold cache spent ~2 s more of CPU on the Fashion example's first
+# predict (median of five alternating fresh caches 19.0 vs 17.1 s; LLVM's share 8.4-11.0 vs
+# 6.2-7.1 s). One indirect call per chunk costs nothing measurable.
+def _chunk(desc_ptr, i):
+    """Chunk i of the conv described at desc_ptr (CTRL_WORDS words, DESC.. as in ctrl)."""
+    d = numba.carray(desc_ptr, (CTRL_WORDS,))
+    xp = numba.carray(
+        _f32_ptr(d[XP]), (d[XP_SHAPE], d[XP_SHAPE + 1], d[XP_SHAPE + 2], d[XP_SHAPE + 3])
+    )
+    w = numba.carray(_f32_ptr(d[W]), (d[W_SHAPE], d[W_SHAPE + 1], d[W_SHAPE + 2]))
+    out_shape = (d[OUT_SHAPE], d[OUT_SHAPE + 1], d[OUT_SHAPE + 2], d[OUT_SHAPE + 3])
+    out = numba.carray(_f32_ptr(d[OUT]), out_shape)
+    res = numba.carray(_f32_ptr(d[RES]), out_shape)
+    epi = numba.carray(_f32_ptr(d[EPI]), (d[EPI_LEN],))
+    g = GEOM
+    geom = (d[g], d[g + 1], d[g + 2], d[g + 3], d[g + 4], d[g + 5], d[g + 6], d[g + 7])
+    microkernel.conv_chunk(
+        xp, w, out, res, d[HAS_RES] != 0, epi, d[ACT], geom, d[BY_BLOCKS] != 0, d[STEP],
+        d[TOTAL], i,
+    )  # fmt: skip
+
+
+_CHUNK_SIG = types.void(types.CPointer(types.int64), types.int64)
+
+
+@functools.cache
+def chunk_entry() -> int:
+    """The address of _chunk's C callback: compiled, or loaded from numba's cache, on first
+    use (not at import)."""
+    return numba.cfunc(_CHUNK_SIG, cache=True)(_chunk).address
+
+
+@intrinsic
+def _call_chunk(typingctx, desc, i):
+    """Chunk i of the conv described in desc (an int64 array), through desc[ENTRY]."""
+
+    def codegen(context, builder, sig, args):
+        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+        entry = builder.load(builder.gep(ptr, [ir.Constant(ir.IntType(64), ENTRY)]))
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, ir.IntType(64)])
+        chunk = context.cast(builder, args[1], sig.args[1], types.int64)
+        builder.call(builder.inttoptr(entry, fnty.as_pointer()), [ptr, chunk])
+        return context.get_dummy_value()
+
+    return types.void(desc, i), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _check_entry(entry):
+    """A zero entry (a descriptor that did not pass through with_entry) would be called."""
+    if entry == 0:
+        raise ValueError("spinpool: the descriptor has no C entry (pass it through with_entry)")
+
+
+def with_entry(desc: np.ndarray) -> np.ndarray:
+    """desc (a ctrl or descriptor array) with its ENTRY word set; every array handed to the
+    nogil functions below passes here first (a zero entry would be called)."""
+    if desc[ENTRY] == 0:
+        desc[ENTRY] = chunk_entry()
+    return desc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _describe(desc, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
+    """Write a conv's descriptor (DESC.. words of desc; ENTRY is left as it is)."""
+    desc[XP] = _address(xp)
+    desc[W] = _address(w)
+    desc[OUT] = _address(out)
+    desc[RES] = _address(res)
+    desc[EPI] = _address(epi)
+    for d in range(4):
+        desc[XP_SHAPE + d] = xp.shape[d]
+        desc[OUT_SHAPE + d] = out.shape[d]
+    for d in range(3):
+        desc[W_SHAPE + d] = w.shape[d]
+    for d in range(GEOM_WORDS):
+        desc[GEOM + d] = geom[d]
+    desc[EPI_LEN] = epi.shape[0]
+    desc[HAS_RES] = has_res
+    desc[ACT] = act
+    desc[BY_BLOCKS] = by_blocks
+    desc[STEP] = step
+    desc[TOTAL] = total
+    desc[CHUNKS] = n
+
+
+@_jit
+def describe(desc, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
+    """_describe for Python callers (escepe_rt.parallel's pool: each thread then runs its chunks
+    with run_chunk; desc through with_entry)."""
+    _check_entry(desc[ENTRY])
+    _describe(desc, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
+
+
+@_jit
+def run_chunk(desc, i):
+    """Chunk i of the conv described in desc (see describe)."""
+    _check_entry(desc[ENTRY])
+    _call_chunk(desc, i)
+
+
+@_jit
+def run_alone(entry, xp, w, out, res, has_res, epi, act, geom):
+    """A whole conv on this thread (microkernel.conv_range's arguments without the ranges),
+    through the C entry at address `entry` (a ctrl's ENTRY word)."""
+    _check_entry(entry)
+    desc = np.empty(CTRL_WORDS, dtype=np.int64)
+    desc[ENTRY] = entry
+    blocks = -(-out.shape[3] // microkernel.LANES)
+    total = microkernel.work(
+        geom, out.shape[0], out.shape[1] - 2 * geom[6], out.shape[2] - 2 * geom[6]
+    )
+    _describe(desc, xp, w, out, res, has_res, epi, act, geom, True, blocks, total, 1)
+    _call_chunk(desc, total - total)
+
+
 @numba.njit(cache=True, nogil=True, inline="always")  # into _run_job and _serve
-def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
-    """Claim chunks of job `seq` until none is left; each chunk is `step` channel blocks
-    (by_blocks) or `step` of the `total` work units (pixels, or Winograd tiles). NEXT holds
+def _take_chunks(ctrl, seq, n):
+    """Claim chunks of job `seq` until none is left, and run each through the descriptor (read
+    after the claim: a claim that succeeds on job seq's tag synchronises with the caller's
+    release of it, and the caller rewrites no word before all n chunks are done). NEXT holds
     (seq << TAG) | next chunk and is claimed by compare-and-swap, so a worker still holding an
-    older job's arguments can never take a chunk of a newer job."""
+    older job's chunk count can never take a chunk of a newer job."""
     while True:
         v = _load(ctrl, NEXT)
         i = v & CHUNK_MASK
@@ -166,7 +291,7 @@ def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks,
             return
         if not _cas(ctrl, NEXT, v, v + 1):
             continue
-        microkernel.conv_chunk(xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, i)
+        _call_chunk(ctrl, i)
         _fetch_add(ctrl, DONE, 1)
 
 
@@ -174,11 +299,11 @@ def _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks,
 def _begin_job(ctrl, seq):
     """Before the caller rewrites the descriptor for job `seq`: the chunk counter gets the new
     tag with no chunk left, then a release fence. A worker late for the previous job (it read
-    POSTED, then was descheduled) may read some of the new descriptor's words; its acquire
-    fence after them (see _take_described) then guarantees it sees this tag, so it claims
-    nothing with them. Without this, the counter still carried the old tag while the words
-    changed: a late worker could claim a chunk index past the old job's last one, valid in a
-    new job with more chunks, and run it on half-written arrays."""
+    POSTED, then was descheduled) may read the new descriptor's chunk count; its acquire fence
+    after it (see _serve) then guarantees it sees this tag, so it claims nothing with it.
+    Without this, the counter still carried the old tag while the words changed: a late worker
+    could claim a chunk index past the old job's last one, valid in a new job with more chunks,
+    and run it on half-written arrays."""
     _store(ctrl, NEXT, (seq << TAG) | CHUNK_MASK)
     _fence(True)
 
@@ -190,68 +315,33 @@ def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, ste
     the descriptor), take chunks, then wait for the chunks the worker took (DONE only counts
     chunks of this job: the caller publishes no new job, and frees none of these arrays,
     before this one is complete)."""
+    _check_entry(ctrl[ENTRY])
     _begin_job(ctrl, seq)
-    ctrl[XP] = _address(xp)
-    ctrl[W] = _address(w)
-    ctrl[OUT] = _address(out)
-    ctrl[RES] = _address(res)
-    ctrl[EPI] = _address(epi)
-    for d in range(4):
-        ctrl[XP_SHAPE + d] = xp.shape[d]
-        ctrl[OUT_SHAPE + d] = out.shape[d]
-    for d in range(3):
-        ctrl[W_SHAPE + d] = w.shape[d]
-    for d in range(GEOM_WORDS):
-        ctrl[GEOM + d] = geom[d]
-    ctrl[EPI_LEN] = epi.shape[0]
-    ctrl[HAS_RES] = has_res
-    ctrl[ACT] = act
-    ctrl[BY_BLOCKS] = by_blocks
-    ctrl[STEP] = step
-    ctrl[TOTAL] = total
-    ctrl[CHUNKS] = n
+    _describe(ctrl, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
     _store(ctrl, DONE, 0)
     _store(ctrl, NEXT, seq << TAG)
     _store(ctrl, POSTED, seq)
-    _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
+    _take_chunks(ctrl, seq, n)
     while _load(ctrl, DONE) < n:
         pass
-
-
-@numba.njit(cache=True, nogil=True, inline="always")  # one caller, _serve (compile time)
-def _take_described(ctrl, seq):
-    """The worker's side of job `seq`, from its descriptor. If the caller has already finished
-    the job (and maybe written some of the next one's descriptor), the arrays built here may be
-    stale, but then every claim fails on the sequence tag (the acquire fence below pairs with
-    _begin_job's release fence) and nothing is read through them."""
-    xp_shape = (ctrl[XP_SHAPE], ctrl[XP_SHAPE + 1], ctrl[XP_SHAPE + 2], ctrl[XP_SHAPE + 3])
-    out_shape = (ctrl[OUT_SHAPE], ctrl[OUT_SHAPE + 1], ctrl[OUT_SHAPE + 2], ctrl[OUT_SHAPE + 3])
-    w_shape = (ctrl[W_SHAPE], ctrl[W_SHAPE + 1], ctrl[W_SHAPE + 2])
-    xp = numba.carray(_f32_ptr(ctrl[XP]), xp_shape)
-    w = numba.carray(_f32_ptr(ctrl[W]), w_shape)
-    out = numba.carray(_f32_ptr(ctrl[OUT]), out_shape)
-    res = numba.carray(_f32_ptr(ctrl[RES]), out_shape)
-    epi = numba.carray(_f32_ptr(ctrl[EPI]), (ctrl[EPI_LEN],))
-    g = ctrl[GEOM : GEOM + GEOM_WORDS]
-    geom = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7])
-    has_res = ctrl[HAS_RES] != 0
-    by_blocks = ctrl[BY_BLOCKS] != 0
-    act, step, total, n = ctrl[ACT], ctrl[STEP], ctrl[TOTAL], ctrl[CHUNKS]
-    _fence(False)
-    _take_chunks(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
 
 
 @_jit
 def _serve(ctrl, seen, limit):
     """The worker's loop, all of it without the GIL: wait for a job newer than `seen`, take its
     chunks, wait for the next. Returns the last sequence number seen after `limit` idle spins
-    (the worker then parks in Python)."""
+    (the worker then parks in Python). If the caller has already finished job seq (and maybe
+    written some of the next one's descriptor), the chunk count read here may be stale, but
+    then every claim fails on the sequence tag (the acquire fence pairs with _begin_job's
+    release fence)."""
     while True:
         seq = _wait_posted(ctrl, seen, limit)
         if seq < 0:
             return seen
         seen = seq
-        _take_described(ctrl, seq)
+        n = ctrl[CHUNKS]
+        _fence(False)
+        _take_chunks(ctrl, seq, n)
         _fetch_add(ctrl, WORKER_JOBS, 1)
 
 
@@ -298,9 +388,12 @@ def warm() -> None:
     out = np.zeros((1, 1, 1, lanes), dtype=np.float32)
     epi = np.zeros(2 * lanes, dtype=np.float32)
     job = (xp, w, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0, 0), True, 1, 1, 1)
-    ctrl = np.zeros(CTRL_WORDS, dtype=np.int64)  # a private slot: the worker never sees this job
+    # a private slot: the worker never sees this job
+    ctrl = with_entry(np.zeros(CTRL_WORDS, dtype=np.int64))
     _run_job(ctrl, 1, *job)
-    microkernel.conv_chunk(*job[:-1], 0)  # the Python pool's entry (machines with > 2 threads)
+    run_alone(ctrl[ENTRY], *job[:-4])
+    describe(ctrl, *job)  # the Python pool's entries (machines with > 2 threads)
+    run_chunk(ctrl, 0)
     _serve(ctrl, 1, 0)  # the worker's loop: returns at once (no idle spin allowed)
 
 
@@ -357,6 +450,7 @@ class SpinPair:
         numbered seq + 1, seq + 2, ... through _run_job and returns the last number it used (a
         section program, escepe_rt/program.py). shared is False, and fn must run every job
         alone, when another caller holds the slot."""
+        with_entry(self.ctrl)
         shared = self._slot.acquire(blocking=False)
         if not shared:
             fn(self.ctrl, 0, False, *args)
@@ -374,6 +468,7 @@ class SpinPair:
         if not self._slot.acquire(blocking=False):
             return False
         try:
+            with_entry(self.ctrl)
             self._ready_worker()
             self._seq += 1
             _run_job(self.ctrl, self._seq, *args, by_blocks, step, total, n)

@@ -38,7 +38,7 @@ _RUN = textwrap.dedent(
     cw = kernels.prepare_conv_weight(np.ones((16, 8, 1, 1), np.float32), 1)
     out = np.zeros((1, 4, 4, 16), np.float32)
     epi = np.concatenate([np.ones(16, np.float32), np.zeros(16, np.float32)])
-    ctrl = np.zeros(spinpool.CTRL_WORDS, np.int64)
+    ctrl = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, np.int64))
     spinpool._run_job(ctrl, 1, x, cw.panels, out, out, False, epi, 0, (1, 1, 1, 1, 1, 0, 0, 0),
                       True, 1, 16, 1)
     print(float(out[0, 0, 0, 0]))
@@ -47,8 +47,9 @@ _RUN = textwrap.dedent(
 
 
 def test_a_caller_cached_before_its_callee_changed_is_recompiled(tmp_path):
-    """spinpool._run_job compiles microkernel.conv_direct into itself. Edit conv_direct in a
-    copy of the package after _run_job was cached: a fresh process must run the new code."""
+    """spinpool's C entry (spinpool._chunk) compiles microkernel.conv_direct into itself. Edit
+    conv_direct in a copy of the package after the entry was cached: a fresh process must run
+    the new code."""
     copy = tmp_path / "escepe_rt"
     shutil.copytree(_numba_cache.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
@@ -63,7 +64,7 @@ def test_a_caller_cached_before_its_callee_changed_is_recompiled(tmp_path):
         return float(out.stdout.split()[-1])
 
     assert run() == 8.0  # ones * ones summed over 8 input channels
-    assert list((copy / "__pycache__").glob("spinpool._run_job*.nbi"))  # cached
+    assert list((copy / "__pycache__").glob("spinpool._chunk*.nbi"))  # cached
     src = (copy / "microkernel.py").read_text()
     marker = "    kh, kw, sh, sw, dh, origin, pad_out, _ = geom\n    _, hp, wp, c = xp.shape\n"
     assert src.count(marker) == 1

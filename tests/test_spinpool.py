@@ -77,13 +77,14 @@ def test_chunk_claims_are_tagged_with_the_job():
     """A claim against a finished or older job takes nothing (the chunk counter carries the
     job's sequence number)."""
     args, out = _conv(7)
-    ctrl = np.zeros(8, dtype=np.int64)
+    ctrl = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, dtype=np.int64))
+    spinpool.describe(ctrl, *args, True, 1, out[..., 0].size, 3)
     ctrl[spinpool.NEXT] = 5 << spinpool.TAG  # job 5 posted, no chunk taken yet
     out[...] = -1.0
-    spinpool._take_chunks(ctrl, 4, *args, True, 1, out[..., 0].size, 3)  # job 4: stale
+    spinpool._take_chunks(ctrl, 4, 3)  # job 4: stale
     assert ctrl[spinpool.NEXT] == 5 << spinpool.TAG and ctrl[spinpool.DONE] == 0
     assert (out == -1.0).all()
-    spinpool._take_chunks(ctrl, 5, *args, True, 1, out[..., 0].size, 3)
+    spinpool._take_chunks(ctrl, 5, 3)
     assert ctrl[spinpool.NEXT] == (5 << spinpool.TAG) + 3 and ctrl[spinpool.DONE] == 3
     np.testing.assert_array_equal(out, _reference(args, out))
 
@@ -93,10 +94,28 @@ def test_a_late_worker_claims_nothing_once_the_next_job_has_begun():
     and starts rewriting the descriptor. A worker still holding job 5 that has read the new
     chunk count must claim nothing: index 3 is past job 5's chunks but valid in job 6."""
     args, out = _conv(7)
-    ctrl = np.zeros(8, dtype=np.int64)
+    ctrl = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, dtype=np.int64))
+    spinpool.describe(ctrl, *args, True, 1, out[..., 0].size, 3)
     ctrl[spinpool.NEXT] = (5 << spinpool.TAG) + 3  # job 5: its 3 chunks taken
     spinpool._begin_job(ctrl, 6)
     out[...] = -1.0
-    spinpool._take_chunks(ctrl, 5, *args, True, 1, out[..., 0].size, 10)  # the late worker
+    spinpool._take_chunks(ctrl, 5, 10)  # the late worker
     assert ctrl[spinpool.DONE] == 0 and (out == -1.0).all()
     assert ctrl[spinpool.NEXT] >> spinpool.TAG == 6
+
+
+def test_a_descriptor_without_the_c_entry_is_refused():
+    """Every nogil entry checks the descriptor's ENTRY word (a zero would be called: a crash)."""
+    args, out = _conv(8)
+    bare = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)
+    with pytest.raises(ValueError, match="no C entry"):
+        spinpool.run_chunk(bare, 0)
+    with pytest.raises(ValueError, match="no C entry"):
+        spinpool.describe(bare, *args, True, 1, out[..., 0].size, 3)
+    with pytest.raises(ValueError, match="no C entry"):
+        spinpool.run_alone(0, *args)
+    with pytest.raises(ValueError, match="no C entry"):
+        spinpool._run_job(bare, 1, *args, True, 1, out[..., 0].size, 3)
+    out[...] = np.nan  # the same descriptor with the entry runs
+    spinpool.run_alone(spinpool.with_entry(bare)[spinpool.ENTRY], *args)
+    np.testing.assert_array_equal(out, _reference(args, out))
