@@ -12,7 +12,7 @@ the last exit), so the choice can be checked on a new machine:
            runtime's own Python threads claim (the default at batch >= 2)
 
 The modes only change convs on the im2col + sgemm path. Direct convs (ungrouped, Cout >= 8,
-escepe_rt/microkernel.py) of >= 2^18 MACs always share their chunks with the spinning worker
+escepe_rt/microkernel.py) of >= 2^18 MACs always share their chunks with the spinning workers
 (escepe_rt/spinpool.py) and smaller ones run on the caller, whatever the mode: for models made
 only of those the three columns agree.
 

@@ -216,7 +216,7 @@ class Model:
             x = self._check_input(np.zeros((n, *self.input_shape), np.float32))  # its kernel too
             executor.warm(_to_nhwc(x), never, self.policy)
         if parallel.POOL.threads > 1:
-            spinpool.warm()  # big direct convs share their chunks with the spinning worker
+            spinpool.warm()  # big direct convs share their chunks with the spinning workers
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ introspection

@@ -112,9 +112,7 @@ class Executor:
         if self.program_unavailable is None:
             steps = [self._steps(s) for s in range(len(spec.sections))]
             self._layout = program.Layout(spec, steps, [e.logits for e in spec.exits])
-        # with more than two threads, big batches cut their convs for escepe_rt.parallel's pool,
-        # which a program cannot call
-        self._program_max_batch = PROGRAM_MAX_BATCH if parallel.POOL.threads <= 2 else 1
+        self._program_max_batch = PROGRAM_MAX_BATCH
         # a batch the programs take runs in sub-batches of this many samples, so that the arena
         # stays under ARENA_BYTES whatever the batch
         per_sample = 4 * self._layout.per_sample if self._layout is not None else 1

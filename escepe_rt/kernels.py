@@ -891,7 +891,7 @@ def _scratch_cols(rows: int, k: int) -> np.ndarray:
 # Below this many multiply-adds a conv runs on the calling thread (a hand-off to a worker costs
 # tens of microseconds); above it, it is cut into chunks for escepe_rt.parallel.POOL.
 PARALLEL_MIN_MACS = 1 << 24
-# Direct convs of at least this many multiply-adds are shared with the spinning worker
+# Direct convs of at least this many multiply-adds are shared with the spinning workers
 # (escepe_rt/spinpool.py: the worker never leaves its nogil loop, so a hand-off is a few atomic
 # operations). Below it, the join and the input's trip to the other core's cache cost more than
 # the second core saves (measured ad hoc through make_conv at batch 1: 28x28x16 -> 16 1x1, 0.2M
@@ -964,8 +964,8 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     """out = act(conv(xp, w) * scale + shift + residual) on the direct micro-kernels, xp the
     padded input, `epi` the packed scale/shift of _direct_epilogue (make_conv leaves panels only
     where the width dilation is 1). Convs of >= PAIR_MIN_MACS are cut (microkernel.split) into
-    channel blocks or runs of 8-pixel tiles, shared with the spinning worker on 2 threads, or
-    with escepe_rt.parallel's pool on more; at batch 1 too: the kernel calls no BLAS, and one
+    about two chunks per thread, channel blocks or runs of 8-pixel tiles, shared with the
+    spinning workers (escepe_rt/spinpool.py); at batch 1 too: the kernel calls no BLAS, and one
     chunk is one nogil call."""
     n, ho, wo, cout = out.shape
     has_res = residual is not None
@@ -987,16 +987,10 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
         spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)
         return
-    if pool.threads == 2 or macs < PARALLEL_MIN_MACS:
-        # the caller + one spinning worker, handed over without the GIL (escepe_rt/spinpool.py)
-        by_blocks, step, n_chunks = microkernel.split(blocks, units, 4, w.winograd)
-        if not spinpool.PAIR.run(args, by_blocks, step, units, n_chunks):
-            spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)  # worker busy
-        return
+    # the caller + the spinning workers, handed over without the GIL (escepe_rt/spinpool.py)
     by_blocks, step, n_chunks = microkernel.split(blocks, units, 2 * pool.threads, w.winograd)
-    desc = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, dtype=np.int64))
-    spinpool.describe(desc, *args, by_blocks, step, units, n_chunks)
-    pool.run(lambda i: spinpool.run_chunk(desc, i), n_chunks)
+    if not spinpool.TEAM.run(args, by_blocks, step, units, n_chunks):
+        spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)  # team busy
 
 
 _ALONE = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # only its ENTRY word is read

@@ -14,16 +14,15 @@ forward pass, and values whose lifetimes do not overlap share memory (greedy by 
 arena holds about the model's largest live set. Each map sits inside a zero border as wide as
 the widest conv padding, so convs read their input in place and write straight into the next
 conv's padded input (no padding copies). Convs run on the same direct kernels with the same
-chunks as kernels._conv_direct (big ones shared with the spinning worker through
+chunks as kernels._conv_direct (big ones shared with the spinning workers through
 spinpool._run_job), and the pool, head and linear loops are the step lists', so a program's
 values equal the step lists' bit for bit (which of the two runs a call depends on the batch
 size and on contention for the arena).
 
 Programs cover models whose every node is an ungrouped conv on the direct kernels, ADD,
-ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or a small LINEAR; on more
-than two threads only batches of 1 of models without a conv big enough for
-escepe_rt.parallel's pool (which a nogil program cannot call). `eligible` says why not
-otherwise, and the executor keeps the step lists then. ESCEPE_PROGRAMS=0 switches them off.
+ACTIVATION, a global ADAPTIVE_AVG_POOL2D, FLATTEN of a 1x1 map or a small LINEAR, on any
+number of threads. `eligible` says why not otherwise, and the executor keeps the step lists
+then. ESCEPE_PROGRAMS=0 switches them off.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from numba.extending import intrinsic
 
 from escepe_rt import kernels, microkernel, parallel, spinpool
 from escepe_rt._fbs.OpCode import OpCode
-from escepe_rt.summary import node_macs
 
 ENABLED = os.environ.get("ESCEPE_PROGRAMS", "1").strip() != "0"
 
@@ -60,7 +58,6 @@ def eligible(spec) -> str | None:
         return "ESCEPE_PROGRAMS=0"
     values = spec.values
     border = borders(spec)
-    big = False
     for i, node in enumerate(spec.nodes):
         op, shape_in = node.op, values[node.inputs[0]].shape if node.inputs else ()
         if op == OpCode.CONV2D:
@@ -70,7 +67,6 @@ def eligible(spec) -> str | None:
                 return f"node {i}: conv not on the direct kernels"
             if border[node.inputs[0]] < max(o["padding"]):
                 return f"node {i}: conv padding wider than its input's border"
-            big |= node_macs(spec, node) >= kernels.PARALLEL_MIN_MACS
         elif op in (OpCode.ADD, OpCode.ACTIVATION):
             if op == OpCode.ADD and len({values[v].shape for v in node.inputs}) != 1:
                 return f"node {i}: add of differently shaped values"
@@ -91,8 +87,6 @@ def eligible(spec) -> str | None:
             return f"node {i}: op {op} has no program instruction"
         if op in (OpCode.ADAPTIVE_AVG_POOL2D, OpCode.FLATTEN) and node.activation:
             return f"node {i}: activation after a pool or flatten"
-    if big and parallel.POOL.threads > 2:
-        return "a conv big enough for the thread pool, on more than two threads"
     return None
 
 
@@ -293,12 +287,13 @@ def execute(program: Program, arena: np.ndarray, n: int, cap: int) -> None:
     """Run a program on n samples of an arena of capacity cap, sharing big convs with the
     spinning worker when it is free."""
     if parallel.POOL.threads > 1:
-        spinpool.PAIR.run_sequence(run, program.code, arena, n, cap)
+        spinpool.TEAM.run_sequence(run, program.code, arena, n, cap)
     else:
         run(spinpool.with_entry(_UNSHARED), 0, False, program.code, arena, n, cap)
 
 
-_UNSHARED = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # only its ENTRY word is read
+_UNSHARED = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # only its ENTRY and SPLIT are read
+_UNSHARED[spinpool.SPLIT] = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +309,8 @@ def _at(base, offset):
 @_jit
 def run(ctrl, seq, shared, code, arena, n, cap):
     """Execute `code` on n samples of `arena` (capacity cap); conv jobs shared with the worker
-    are numbered seq + 1, ... (only when `shared`: the caller holds spinpool.PAIR's slot).
+    are numbered seq + 1, ... (only when `shared`: the caller holds spinpool.TEAM's slot), each
+    cut into about ctrl[SPLIT] chunks.
     Returns the last number used."""
     base = spinpool._address(arena)
     for k in range(code.shape[0]):
@@ -365,7 +361,7 @@ def _conv(ins, base, cap, n, ctrl, seq, shared):
     ho, wo = hq - 2 * ins[23], wq - 2 * ins[23]
     total = microkernel.work(geom, batch, ho, wo)
     by_blocks, step, chunks = microkernel.split(
-        blocks, total, 4, ins[29] == microkernel.KIND_WINOGRAD
+        blocks, total, ctrl[spinpool.SPLIT], ins[29] == microkernel.KIND_WINOGRAD
     )
     share = shared and chunks > 1 and batch * macs >= pair_min
     for i in range(per_call):

@@ -1,9 +1,9 @@
-"""A second core for direct convolutions, handed over without the GIL.
+"""The other cores for direct convolutions, handed over without the GIL.
 
 escepe_rt.parallel's Python pool costs ~50-110 us per hand-off on a small VM (a queue wake-up
 plus GIL hand-offs, `benchmarks/batch1_threads.py`): a tenth of a 0.5 ms conv, more than a whole
-28x28x16 one. Here one worker thread waits for work by spinning inside a numba function that
-holds no GIL and never returns to Python while there is work: the caller describes each conv in
+28x28x16 one. Here threads - 1 worker threads wait for work by spinning inside a numba function
+that holds no GIL and never returns to Python while there is work: the caller describes each conv in
 a control block (array addresses, shapes, options) from inside its own nogil call, and both
 run its chunks through one C entry that rebuilds the arrays from that description
 (numba.carray; see _chunk for why every conv goes through it). A hand-off is a few atomic
@@ -41,12 +41,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from escepe_rt import microkernel
+from escepe_rt import microkernel, parallel
 
 POSTED, NEXT, DONE = 0, 1, 2
-ALIVE = 3  # bumped by a caller that is about to post (restarts the worker's idle count)
-IDLE_ALIVE = 4  # the ALIVE value through the worker's last full idle count (it parks then)
-WORKER_JOBS = 5  # jobs the worker has looked at (diagnostics, tests)
+ALIVE = 3  # bumped by a caller that is about to post (restarts the workers' idle counts)
+SPLIT = 4  # chunks a shared conv is cut into (2 per thread; set by Python, read by programs)
+WORKER_JOBS = 5  # jobs the workers have looked at, summed (diagnostics, tests)
 TAG = 20  # NEXT = (job sequence number << TAG) | next chunk index
 CHUNK_MASK = (1 << TAG) - 1
 SPIN_LIMIT = 1 << 21  # idle spins (~1-3 ms) before the worker parks
@@ -144,7 +144,7 @@ def _f32_ptr(typingctx, addr):
 
 # The job descriptor: words of ctrl from DESC on (a cache line away from the hot counters), so
 # the worker rebuilds the job's arrays without the GIL (numba.carray over the caller's memory).
-# A conv run alone has the same descriptor in a private array (run_alone, describe).
+# A conv run alone has the same descriptor in a private array (run_alone).
 DESC = 8
 XP, XP_SHAPE = DESC, DESC + 1  # address, 4 dims
 W, W_SHAPE = DESC + 5, DESC + 6  # 3 dims
@@ -248,21 +248,6 @@ def _describe(desc, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, t
 
 
 @_jit
-def describe(desc, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n):
-    """_describe for Python callers (escepe_rt.parallel's pool: each thread then runs its chunks
-    with run_chunk; desc through with_entry)."""
-    _check_entry(desc[ENTRY])
-    _describe(desc, xp, w, out, res, has_res, epi, act, geom, by_blocks, step, total, n)
-
-
-@_jit
-def run_chunk(desc, i):
-    """Chunk i of the conv described in desc (see describe)."""
-    _check_entry(desc[ENTRY])
-    _call_chunk(desc, i)
-
-
-@_jit
 def run_alone(entry, xp, w, out, res, has_res, epi, act, geom):
     """A whole conv on this thread (microkernel.conv_range's arguments without the ranges),
     through the C entry at address `entry` (a ctrl's ENTRY word)."""
@@ -328,16 +313,16 @@ def _run_job(ctrl, seq, xp, w, out, res, has_res, epi, act, geom, by_blocks, ste
 
 @_jit
 def _serve(ctrl, seen, limit):
-    """The worker's loop, all of it without the GIL: wait for a job newer than `seen`, take its
-    chunks, wait for the next. Returns the last sequence number seen after `limit` idle spins
-    (the worker then parks in Python). If the caller has already finished job seq (and maybe
-    written some of the next one's descriptor), the chunk count read here may be stale, but
-    then every claim fails on the sequence tag (the acquire fence pairs with _begin_job's
-    release fence)."""
+    """A worker's loop, all of it without the GIL: wait for a job newer than `seen`, take its
+    chunks, wait for the next. After `limit` idle spins returns the last sequence number seen
+    and the ALIVE value its idle count ended with (the worker then parks in Python). If the
+    caller has already finished job seq (and maybe written some of the next one's
+    descriptor), the chunk count read here may be stale, but then every claim fails on the
+    sequence tag (the acquire fence pairs with _begin_job's release fence)."""
     while True:
-        seq = _wait_posted(ctrl, seen, limit)
+        seq, alive = _wait_posted(ctrl, seen, limit)
         if seq < 0:
-            return seen
+            return seen, alive
         seen = seq
         n = ctrl[CHUNKS]
         _fence(False)
@@ -347,28 +332,27 @@ def _serve(ctrl, seen, limit):
 
 @_jit
 def _wait_posted(ctrl, seen, limit):
-    """The worker's idle loop: the newest posted sequence number once it is > seen, or -1
-    after `limit` spins with neither a post nor a keep-alive (ALIVE moving)."""
+    """The worker's idle loop: (the newest posted sequence number once it is > seen, ALIVE),
+    or (-1, ALIVE) after `limit` spins with neither a post nor a keep-alive (ALIVE moving)."""
     alive = _load(ctrl, ALIVE)
     i = 0
     while i < limit:
         p = _load(ctrl, POSTED)
         if p > seen:
-            return p
+            return p, alive
         a = _load(ctrl, ALIVE)
         if a != alive:
             alive = a
             i = 0
         i += 1
-    _store(ctrl, IDLE_ALIVE, alive)
-    return -1
+    return -1, alive
 
 
 @_jit
 def keep_alive(ctrl):
-    """Tell the spinning worker that jobs are coming (a section program calls this before each
-    instruction, so the worker does not park between two of its jobs: it could not be woken
-    from inside the program)."""
+    """Tell the spinning workers that jobs are coming (a section program calls this before each
+    instruction, so no worker parks between two of its jobs: it could not be woken from inside
+    the program)."""
     _fetch_add(ctrl, ALIVE, 1)
 
 
@@ -392,55 +376,63 @@ def warm() -> None:
     ctrl = with_entry(np.zeros(CTRL_WORDS, dtype=np.int64))
     _run_job(ctrl, 1, *job)
     run_alone(ctrl[ENTRY], *job[:-4])
-    describe(ctrl, *job)  # the Python pool's entries (machines with > 2 threads)
-    run_chunk(ctrl, 0)
     _serve(ctrl, 1, 0)  # the worker's loop: returns at once (no idle spin allowed)
 
 
-class SpinPair:
-    """The caller plus one spinning worker thread (see the module docstring)."""
+class SpinTeam:
+    """The caller plus threads - 1 spinning workers (see the module docstring), threads being
+    escepe_rt.parallel.POOL's: 2 on this project's 2-core VM, 4 on a Raspberry Pi 4 or 5. All
+    the workers wait on the same control block and claim the same jobs' chunks."""
 
     def __init__(self):
         self.ctrl = np.zeros(CTRL_WORDS, dtype=np.int64)
         self._slot = threading.Lock()  # one job at a time
         self._seq = 0
         self._cond = threading.Condition()
-        self._parked = False
-        self._wake = False
-        self._thread: threading.Thread | None = None
+        self._parked = 0  # workers parked in _work
+        self._wakes = 0  # wake-ups so far (a parked worker waits for this to move)
+        self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
 
-    def _ensure_worker(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._start_lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._work, name="escepe_rt-spin", daemon=True
-                    )
-                    self._thread.start()
+    def _ensure_workers(self, n: int) -> None:
+        """n live workers at least (threads die with a fork; more are started if the pool's
+        thread count grew)."""
+        if sum(t.is_alive() for t in self._threads) >= n:
+            return
+        with self._start_lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            while len(self._threads) < n:
+                t = threading.Thread(target=self._work, name="escepe_rt-spin", daemon=True)
+                t.start()
+                self._threads.append(t)
 
-    def _ready_worker(self) -> None:
-        """Before posting (the caller holds the slot): a live worker that will not park before
-        the jobs come, woken if it is parked."""
-        self._ensure_worker()
+    def _ready(self) -> None:
+        """Before posting (the caller holds the slot): the descriptor's C entry and split, live
+        workers that will not park before the jobs come, the parked ones woken."""
+        threads = parallel.POOL.threads
+        with_entry(self.ctrl)
+        self.ctrl[SPLIT] = 2 * threads
+        self._ensure_workers(threads - 1)
         keep_alive(self.ctrl)  # before the parked check (see _work)
         if self._parked:
             with self._cond:
-                self._wake = True
-                self._cond.notify()
+                self._wakes += 1
+                self._cond.notify_all()
 
     def _work(self) -> None:
         seen = 0
         while True:
-            seen = _serve(self.ctrl, seen, SPIN_LIMIT)  # returns only when idle
+            seen, alive = _serve(self.ctrl, seen, SPIN_LIMIT)  # returns only when idle
             with self._cond:  # park until a caller wakes it
-                self._parked = True
-                # a caller that bumped ALIVE before it could see _parked set is about to post
-                if self.ctrl[ALIVE] == self.ctrl[IDLE_ALIVE]:
-                    while not self._wake and self.ctrl[POSTED] <= seen:
+                self._parked += 1
+                wakes = self._wakes
+                # a caller that bumped ALIVE before it could see this worker parked is about
+                # to post: do not wait then
+                if self.ctrl[ALIVE] == alive:
+                    while self._wakes == wakes and self.ctrl[POSTED] <= seen:
                         self._cond.wait()
-                self._wake = self._parked = False
-            # back to spinning even if the job is not posted yet: a caller wakes the worker
+                self._parked -= 1
+            # back to spinning even if the job is not posted yet: a caller wakes the workers
             # just before it posts, and a section program (escepe_rt/program.py) posts all its
             # jobs after one wake-up (going back to sleep here cost ResNet-18's first section
             # at batch 32 its second core: 122 vs 61 ms)
@@ -450,26 +442,24 @@ class SpinPair:
         numbered seq + 1, seq + 2, ... through _run_job and returns the last number it used (a
         section program, escepe_rt/program.py). shared is False, and fn must run every job
         alone, when another caller holds the slot."""
-        with_entry(self.ctrl)
         shared = self._slot.acquire(blocking=False)
         if not shared:
-            fn(self.ctrl, 0, False, *args)
+            fn(with_entry(self.ctrl), 0, False, *args)
             return
         try:
-            self._ready_worker()
+            self._ready()
             self._seq = fn(self.ctrl, self._seq, True, *args)
         finally:
             self._slot.release()
 
     def run(self, args: tuple, by_blocks: bool, step: int, total: int, n: int) -> bool:
         """Run a direct conv (`args` as for microkernel.conv_range, without the ranges) in n
-        chunks on the caller and the worker; False (nothing done) if another caller holds the
+        chunks on the caller and the workers; False (nothing done) if another caller holds the
         slot: the caller then runs the conv alone."""
         if not self._slot.acquire(blocking=False):
             return False
         try:
-            with_entry(self.ctrl)
-            self._ready_worker()
+            self._ready()
             self._seq += 1
             _run_job(self.ctrl, self._seq, *args, by_blocks, step, total, n)
             return True
@@ -477,4 +467,4 @@ class SpinPair:
             self._slot.release()
 
 
-PAIR = SpinPair()
+TEAM = SpinTeam()

@@ -89,7 +89,7 @@ def test_direct_conv_matches_numpy(case, epilogue):
 @pytest.mark.parametrize("threads", [2, 4])
 @pytest.mark.parametrize("case", DIRECT_CASES[10:], ids=str)
 def test_direct_conv_shared_chunks_match_numpy(case, threads, monkeypatch):
-    """Every conv cut into chunks (the spinning worker on 2 threads, the Python pool on 4),
+    """Every conv cut into chunks (shared with 1 spinning worker on 2 threads, 3 on 4),
     including the partial panels, == the numpy reference."""
     monkeypatch.setattr(parallel, "POOL", parallel.Pool(threads))
     for name in ("PARALLEL_MIN_MACS", "PAIR_MIN_MACS"):
@@ -144,7 +144,7 @@ def run_split(args: tuple, split: str, blocks: int, units: int, winograd: bool) 
         return
     by_blocks, step, n = microkernel.split(blocks, units, 4, winograd)
     if split == "pair":
-        assert spinpool.PAIR.run(args, by_blocks, step, units, n)
+        assert spinpool.TEAM.run(args, by_blocks, step, units, n)
     else:
         for i in reversed(range(n)):  # another order than the pair's
             microkernel.conv_chunk(*args, by_blocks, step, units, i)

@@ -742,7 +742,7 @@ def test_direct_conv_matches_torch_and_the_im2col_path(case, epilogue, monkeypat
 @pytest.mark.parametrize("threads", [2, 4])
 def test_direct_conv_threaded_chunks_match_one_call(monkeypatch, threads):
     """A conv big enough to share (blocks or pixel runs split over threads) == one call: on 2
-    threads with the spinning worker, on 4 with escepe_rt.parallel's pool."""
+    threads with 1 spinning worker, on 4 with 3."""
     from escepe_rt import parallel
 
     monkeypatch.setattr(parallel, "POOL", parallel.Pool(threads))

@@ -1,4 +1,4 @@
-"""The spinning worker pair (escepe_rt/spinpool.py) against one plain call of the same conv."""
+"""The spinning workers (escepe_rt/spinpool.py) against one plain call of the same conv."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_pair_run_equals_one_call(by_blocks, chunks):
     n = -(-total_units // step)
     for _ in range(20):  # many jobs in a row: sequence numbers, chunk tags, reuse of the slot
         out[...] = np.nan
-        assert spinpool.PAIR.run(args, by_blocks, step, pixels, n)
+        assert spinpool.TEAM.run(args, by_blocks, step, pixels, n)
         np.testing.assert_array_equal(out, _reference(args, out))
 
 
@@ -59,7 +59,7 @@ def test_busy_slot_is_refused_and_callers_from_many_threads_stay_correct():
             for _ in range(30):
                 out[...] = np.nan
                 blocks = out.shape[3] // microkernel.LANES
-                if not spinpool.PAIR.run(args, True, 1, out[..., 0].size, blocks):
+                if not spinpool.TEAM.run(args, True, 1, out[..., 0].size, blocks):
                     microkernel.conv_direct(*args, 0, blocks, 0, out[..., 0].size)
                 np.testing.assert_array_equal(out, _reference(args, out))
         except BaseException as e:  # reported in the main thread
@@ -78,7 +78,7 @@ def test_chunk_claims_are_tagged_with_the_job():
     job's sequence number)."""
     args, out = _conv(7)
     ctrl = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, dtype=np.int64))
-    spinpool.describe(ctrl, *args, True, 1, out[..., 0].size, 3)
+    spinpool._describe(ctrl, *args, True, 1, out[..., 0].size, 3)
     ctrl[spinpool.NEXT] = 5 << spinpool.TAG  # job 5 posted, no chunk taken yet
     out[...] = -1.0
     spinpool._take_chunks(ctrl, 4, 3)  # job 4: stale
@@ -95,7 +95,7 @@ def test_a_late_worker_claims_nothing_once_the_next_job_has_begun():
     chunk count must claim nothing: index 3 is past job 5's chunks but valid in job 6."""
     args, out = _conv(7)
     ctrl = spinpool.with_entry(np.zeros(spinpool.CTRL_WORDS, dtype=np.int64))
-    spinpool.describe(ctrl, *args, True, 1, out[..., 0].size, 3)
+    spinpool._describe(ctrl, *args, True, 1, out[..., 0].size, 3)
     ctrl[spinpool.NEXT] = (5 << spinpool.TAG) + 3  # job 5: its 3 chunks taken
     spinpool._begin_job(ctrl, 6)
     out[...] = -1.0
@@ -108,10 +108,6 @@ def test_a_descriptor_without_the_c_entry_is_refused():
     """Every nogil entry checks the descriptor's ENTRY word (a zero would be called: a crash)."""
     args, out = _conv(8)
     bare = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)
-    with pytest.raises(ValueError, match="no C entry"):
-        spinpool.run_chunk(bare, 0)
-    with pytest.raises(ValueError, match="no C entry"):
-        spinpool.describe(bare, *args, True, 1, out[..., 0].size, 3)
     with pytest.raises(ValueError, match="no C entry"):
         spinpool.run_alone(0, *args)
     with pytest.raises(ValueError, match="no C entry"):

@@ -100,7 +100,7 @@ def test_winograd_reads_and_writes_inside_borders_whatever_the_split(case, b_out
 
 @pytest.mark.parametrize("threads", [2, 4])
 def test_winograd_shared_chunks_match_numpy(threads, monkeypatch):
-    """Cut for the spinning worker (2 threads) or the Python pool (4), by tiles and by channel
+    """Cut for 1 spinning worker (2 threads) or 3 (4 threads), by tiles and by channel
     blocks (few tiles), repeated (reused buffers, new job numbers)."""
     monkeypatch.setattr(parallel, "POOL", parallel.Pool(threads))
     for name in ("PARALLEL_MIN_MACS", "PAIR_MIN_MACS"):
