@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 import pytest
 
 from escepe_rt import kernels as K
-from escepe_rt import microkernel, spinpool
+from escepe_rt import microkernel, parallel, spinpool
 
 
 def _conv(seed: int, n=1, h=12, w=10, cin=8, cout=48, stride=1):
@@ -115,3 +116,28 @@ def test_a_descriptor_without_the_c_entry_is_refused():
     out[...] = np.nan  # the same descriptor with the entry runs
     spinpool.run_alone(spinpool.with_entry(bare)[spinpool.ENTRY], *args)
     np.testing.assert_array_equal(out, _reference(args, out))
+
+
+def _shared_conv_in_child(seed: int) -> bool:
+    args, out = _conv(seed, n=2, h=16, w=16, cout=64)
+    blocks = out.shape[3] // microkernel.LANES
+    ok = True
+    for _ in range(5):
+        out[...] = np.nan
+        ran = spinpool.TEAM.run(args, True, 1, out[..., 0].size, blocks)
+        ok &= ran and np.array_equal(out, _reference(args, out))
+    return ok and any(t.is_alive() for t in spinpool.TEAM._threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_its_own_workers():
+    if parallel.POOL.threads < 2:
+        pytest.skip("no worker on one thread")
+    """Threads do not survive fork: a child's first shared conv starts new workers (the dead
+    ones only ever meant the caller ran every chunk) and gets the right answer."""
+    import multiprocessing
+
+    args, out = _conv(9, n=2, h=16, w=16, cout=64)
+    assert spinpool.TEAM.run(args, True, 1, out[..., 0].size, 4)  # workers alive here
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_shared_conv_in_child, (11,))
