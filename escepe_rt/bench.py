@@ -201,7 +201,7 @@ def conv_kernels(model) -> dict[str, int]:
     """How many of a loaded (eager) model's convs run on each kernel: Winograd, the direct
     micro-kernels (on float32 or float16 panels), depthwise, or im2col + sgemm (grouped convs,
     Cout < 8, width dilation)."""
-    from escepe_rt import kernels, microkernel
+    from escepe_rt import kernels
     from escepe_rt._fbs.OpCode import OpCode
 
     ex = model._executor
@@ -210,18 +210,9 @@ def conv_kernels(model) -> dict[str, int]:
         params = ex.section_params(s)
         for i in range(begin, end):
             node = model.spec.nodes[i]
-            if node.op != OpCode.CONV2D:
-                continue
-            w = params[i]["weight"]
-            dilation_w = node.options["conv"]["dilation"][1]
-            if w.winograd:
-                counts["winograd"] += 1
-            elif w.panels is not None and kernels.runs_direct(w.Cout, w.groups, dilation_w):
-                counts["direct_f16" if w.kind == microkernel.KIND_F16 else "direct"] += 1
-            elif w.depthwise:
-                counts["depthwise"] += 1
-            else:
-                counts["im2col_sgemm"] += 1
+            if node.op == OpCode.CONV2D:
+                dilation_w = node.options["conv"]["dilation"][1]
+                counts[kernels.conv_kernel(params[i]["weight"], dilation_w)] += 1
     return counts
 
 

@@ -733,6 +733,19 @@ def conv2d(
     return make_conv(w, scale, shift, stride, padding, dilation, activation)(x, residual)
 
 
+def conv_kernel(w: ConvWeight, dilation_w: int) -> str:
+    """The kernel make_conv runs a conv on: "winograd", "direct" (the micro-kernels on float32
+    panels), "direct_f16" (on float16 panels), "depthwise", or "im2col_sgemm" (grouped convs,
+    Cout < LANES / 2, width dilation)."""
+    if w.dw is not None:
+        return "depthwise"
+    if w.panels is None or not runs_direct(w.Cout, w.groups, dilation_w):
+        return "im2col_sgemm"
+    if w.winograd:
+        return "winograd"
+    return "direct_f16" if w.kind == microkernel.KIND_F16 else "direct"
+
+
 def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation: int):
     """Validate a conv's parameters once; returns ``run(x, residual=None) -> out`` (NHWC)."""
     sh, sw = _pair(stride)
@@ -745,7 +758,7 @@ def make_conv(w: ConvWeight, scale, shift, stride, padding, dilation, activation
         raise ValueError(
             f"Winograd weights need stride 1 and no dilation, got {stride}, {dilation}"
         )
-    if w.panels is not None and not runs_direct(w.Cout, w.groups, dw):  # matrix rebuilt once
+    if w.panels is not None and conv_kernel(w, dw) == "im2col_sgemm":  # matrix rebuilt once
         w = w._replace(gemm=_gemm_of(w)[None], panels=None)
     kh, kw, cout, cin = w.kh, w.kw, w.Cout, w.Cin
     sc, has_sc = _vec(scale, cout, "scale")
