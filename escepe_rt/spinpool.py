@@ -33,6 +33,7 @@ slot busy runs its conv alone.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import numba
@@ -392,15 +393,18 @@ class SpinTeam:
         self._parked = 0  # workers parked in _work
         self._wakes = 0  # wake-ups so far (a parked worker waits for this to move)
         self._threads: list[threading.Thread] = []
+        self._pid = os.getpid()  # the process the threads were started in
         self._start_lock = threading.Lock()
 
     def _ensure_workers(self, n: int) -> None:
-        """n live workers at least (threads die with a fork; more are started if the pool's
-        thread count grew)."""
-        if sum(t.is_alive() for t in self._threads) >= n:
+        """n live workers at least: more are started if the pool's thread count grew, and
+        again in a forked child (a worker never returns, so only a fork ends one; checking the
+        pid costs less than asking each thread, ~1 us each, before every job)."""
+        if len(self._threads) >= n and self._pid == os.getpid():
             return
         with self._start_lock:
             self._threads = [t for t in self._threads if t.is_alive()]
+            self._pid = os.getpid()
             while len(self._threads) < n:
                 t = threading.Thread(target=self._work, name="escepe_rt-spin", daemon=True)
                 t.start()
