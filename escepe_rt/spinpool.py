@@ -403,6 +403,8 @@ class SpinTeam:
         if len(self._threads) >= n and self._pid == os.getpid():
             return
         with self._start_lock:
+            if self._pid != os.getpid():  # a forked child: the parent's parking state is not ours
+                self._cond, self._parked = threading.Condition(), 0
             self._threads = [t for t in self._threads if t.is_alive()]
             self._pid = os.getpid()
             while len(self._threads) < n:
