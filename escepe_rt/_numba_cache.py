@@ -37,7 +37,11 @@ def _package_stamped(base: type, digest: str) -> type:
             return super().from_function(py_func, py_file)
 
         def get_source_stamp(self):
-            return ("escepe_rt", digest)
+            # numba keeps a global's value from compile time, and the tile width is one that
+            # an environment variable can change (ESCEPE_WIDE_TILES, escepe_rt/vector_ir.py)
+            from escepe_rt import vector_ir
+
+            return ("escepe_rt", digest, vector_ir.WIDE_TILES)
 
     Locator.__name__ = f"EscepeRt{base.__name__}"
     return Locator

@@ -31,7 +31,14 @@ from numba import types
 from numba.extending import intrinsic
 
 from escepe_rt import winograd
-from escepe_rt.vector_ir import Epilogue, array_ptr, half_to_float, vector_at, vector_fn
+from escepe_rt.vector_ir import (
+    WIDE_TILES,
+    Epilogue,
+    array_ptr,
+    half_to_float,
+    vector_at,
+    vector_fn,
+)
 
 LANES = 16  # output channels per tile: one <16 x float> accumulator per pixel
 
@@ -276,16 +283,16 @@ def conv_direct(xp, w, out, res, has_res, epi, act, geom, b0, b1, m0, m1):
         i = 0
         while i < npx:
             rows = min(8, npx - i)
-            wide = rows >= 8
-            done = 8 if wide else min(4, rows)  # a tail of 1-3 pixels: a 4-pixel tile, see above
-            if half:
-                if wide:
+            if half:  # half-width tiles of 8 pixels fit every target's registers
+                if rows >= 8:
                     _half8(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
                 else:
                     _half4(xp, offs, i, kh, a_ky, krow, w, b_off, out, outs, i, cb, epi, res, ep)
-                i += done
+                i += 8 if rows >= 8 else min(4, rows)
                 continue
-            direct = valid == LANES or (cout < LANES and i + rows < npx)
+            wide = WIDE_TILES and rows >= 8  # 8-pixel tiles only where they fit the registers
+            done = 8 if wide else min(4, rows)  # a tail of 1-3 pixels: a 4-pixel tile, see above
+            direct = valid == LANES or (cout < LANES and i + done < npx)
             if direct:
                 c, c_offs, c0, c_add, r_in = out, outs, i, cb, res
             else:
@@ -412,7 +419,7 @@ def conv_winograd(xp, u, out, res, has_res, epi, act, geom, b0, b1, t0, t1):
                 i = 0
                 while i < nt:
                     o0 = xi * tb + i
-                    if nt - i >= 8:
+                    if WIDE_TILES and nt - i >= 8:
                         _sums8(vf, offs, o0, 1, 0, c, u, b_off, mf, coffs, i, c_add, mf, mf, ep)
                         i += 8
                     elif nt - i >= 4:

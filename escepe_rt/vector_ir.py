@@ -4,6 +4,7 @@ of the conv epilogue both apply to their registers before the store."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 from llvmlite import ir
@@ -36,6 +37,24 @@ def _half_is_native() -> bool:
 
 
 HALF_NATIVE = _half_is_native()
+
+
+def _wide_tiles() -> bool:
+    """Whether the micro-kernels use their 8-pixel tiles (else only 4-pixel ones). An 8-pixel
+    tile keeps 8 x 16 float32 accumulators in registers, plus the weight vector and a
+    broadcast input: 10 of AVX-512's 32 registers, but 19 AVX2 ones (of 16) and 37 NEON ones
+    (of 32, 4 a vector), so there LLVM spills accumulators to the stack inside the reduction
+    loop (benchmarks/tile_asm.py: 14-16 stack accesses per 32 fmla compiled for a Cortex-A72,
+    8 per 16 FMAs for Haswell; the 4-pixel loops none). They stay the default everywhere: on
+    this Zen 4 VM they measured faster with AVX2 code too (NUMBA_CPU_NAME=haswell: 671-719 vs
+    685-842 us for a 32x32x64 conv, three alternating rounds), and llvm-mca's Cortex-A72
+    model does not agree with itself across panel kinds (the 4-pixel loop ~30 % more fmla per
+    cycle on float32 panels, ~7 % fewer on float16 ones). ESCEPE_WIDE_TILES=0 runs the
+    4-pixel tiles only, to measure the choice on a board (same results, bit for bit)."""
+    return os.environ.get("ESCEPE_WIDE_TILES", "1").strip() != "0"
+
+
+WIDE_TILES = _wide_tiles()
 
 
 def array_ptr(context, builder, sig, args, i):

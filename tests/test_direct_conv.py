@@ -157,3 +157,62 @@ def check_inside_border(out: np.ndarray, b_out: int, ref: np.ndarray) -> None:
     border = out.copy()
     border[:, b_out : out.shape[1] - b_out, b_out : out.shape[2] - b_out] = 0.0
     assert not border.any(), "a conv wrote into its output's border"
+
+
+_NARROW_CHILD = """
+import sys
+import numpy as np
+from escepe_rt import kernels as K, vector_ir
+assert not vector_ir.WIDE_TILES
+sys.path.insert(0, sys.argv[2])
+from test_direct_conv import narrow_cases
+np.savez(sys.argv[1], *narrow_cases())
+"""
+
+
+def narrow_cases() -> list[np.ndarray]:
+    """Convs of every tile kind with tails of 1-7 pixels: float32 and float16 panels, a
+    partial channel block, half-width tiles, Winograd; residual + relu6."""
+    rng = np.random.default_rng(42)
+    outs = []
+    for cin, cout, h, w, f16, wino in [
+        (16, 64, 9, 11, False, False),
+        (16, 32, 7, 13, True, False),
+        (8, 24, 5, 9, False, False),
+        (16, 8, 6, 7, False, False),
+        (16, 32, 10, 9, False, True),
+    ]:
+        x = rng.standard_normal((2, h, w, cin), dtype=np.float32)
+        wt = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32)
+        if f16:
+            wt = wt.astype(np.float16).astype(np.float32)
+        cw = K.prepare_conv_weight(wt, 1, wino, f16)
+        res = rng.standard_normal((2, h, w, cout), dtype=np.float32)
+        sc = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+        sf = rng.standard_normal(cout).astype(np.float32)
+        run = K.make_conv(cw, sc, sf, 1, 1, 1, K.ACT_RELU6)
+        outs.append(run(x, res).copy())
+    return outs
+
+
+def test_four_pixel_tiles_only_give_the_same_floats(tmp_path):
+    """ESCEPE_WIDE_TILES=0 (a fresh process: the tile width is fixed when the kernels compile)
+    runs every conv on the 4-pixel tiles: each output's reduction order is the same, so the
+    results equal the default's bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ESCEPE_WIDE_TILES="0", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "narrow.npz"
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run(
+        [sys.executable, "-c", _NARROW_CHILD, str(out), here],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    narrow = np.load(out)
+    wide = narrow_cases()
+    assert len(narrow.files) == len(wide)
+    for i, got in enumerate(wide):
+        np.testing.assert_array_equal(narrow[f"arr_{i}"], got)

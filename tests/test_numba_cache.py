@@ -10,14 +10,14 @@ import sys
 import textwrap
 
 import escepe_rt  # noqa: F401  (installs the package-stamped locators)
-from escepe_rt import _numba_cache, kernels, microkernel, spinpool
+from escepe_rt import _numba_cache, kernels, microkernel, spinpool, vector_ir
 
 
 def test_package_kernels_are_stamped_with_the_whole_package():
     digest = _numba_cache.package_digest()
     for fn in (microkernel.conv_direct, spinpool._run_job, kernels._gather_gemm):
         locator = fn._cache._impl.locator
-        assert locator.get_source_stamp() == ("escepe_rt", digest)
+        assert locator.get_source_stamp() == ("escepe_rt", digest, vector_ir.WIDE_TILES)
 
 
 def test_digest_changes_with_any_source_file(tmp_path):
