@@ -12,19 +12,42 @@ caller simply does its chunks, and im2col / epilogue run in parallel too.
 Side effect: while any predict() of any model is running, numpy's OpenBLAS runs single-threaded
 in the whole process (the previous thread count comes back when the last predict returns).
 
-Threads: ESCEPE_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use (at most
-8). 1 (or a BLAS other than OpenBLAS, whose thread count cannot be set here) leaves BLAS alone
-and runs every kernel on the calling thread.
+Threads: ESCEPE_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use (its
+affinity mask, capped by its cgroup's CPU quota, e.g. in a container; at most 8). 1 (or a BLAS
+other than OpenBLAS, whose thread count cannot be set here) leaves BLAS alone and runs every
+kernel on the calling thread.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+
+
+def cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (e.g. 2.0 for `docker run --cpus=2`), or
+    None without one. A container sees every core of its host in its affinity mask however
+    small its quota; spinning workers beyond the quota only take time slices from the caller
+    (on this 2-core VM, 4 threads instead of 2: ResNet-18 batch 1 dense 12.9 vs ~7 ms)."""
+    try:  # cgroup v2: "max 100000" or "200000 100000" (quota, period in microseconds)
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 is none
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def _default_threads() -> int:
@@ -36,6 +59,9 @@ def _default_threads() -> int:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
         n = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
     return max(1, min(8, n))
 
 

@@ -141,3 +141,37 @@ def test_a_forked_child_starts_its_own_workers():
     assert spinpool.TEAM.run(args, True, 1, out[..., 0].size, 4)  # workers alive here
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply(_shared_conv_in_child, (11,))
+
+
+@pytest.mark.parametrize(
+    "files, quota",
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path, files, quota):
+    """cgroup v2's cpu.max or v1's cfs quota / period, in CPUs; None without a quota."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert parallel.cgroup_cpus(str(tmp_path)) == quota
+
+
+def test_default_threads_follow_a_container_quota(monkeypatch):
+    """A container whose affinity shows 8 cores but whose quota is 1.5 CPUs gets 2 threads (a
+    spinning worker per core it cannot use would only steal the caller's time slices)."""
+    monkeypatch.delenv("ESCEPE_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(parallel, "cgroup_cpus", lambda: 1.5)
+    assert parallel._default_threads() == 2
+    monkeypatch.setattr(parallel, "cgroup_cpus", lambda: None)
+    assert parallel._default_threads() == 8
+    monkeypatch.setenv("ESCEPE_NUM_THREADS", "3")
+    assert parallel._default_threads() == 3
