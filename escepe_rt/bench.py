@@ -103,6 +103,7 @@ def benchmark(
 ) -> dict:
     """Every number of `escepe bench` for one file, as a dict (see the module docstring)."""
     import escepe_rt
+    from escepe_rt import executor
 
     path = str(path)
     rss_start = _peak_rss_mb()
@@ -181,7 +182,7 @@ def benchmark(
         "thresholds": list(m_ee.thresholds),
         # None: batches up to executor.PROGRAM_MAX_BATCH run as section programs
         "programs_unavailable": m_ee._executor.program_unavailable,
-        "program_max_batch": m_ee._executor._program_max_batch,
+        "program_max_batch": executor.PROGRAM_MAX_BATCH,
         "arena_batch": m_ee._executor._arena_batch,
         "conv_kernels": conv_kernels(m_ee),
         "latency": latency,

@@ -112,11 +112,10 @@ class Executor:
         if self.program_unavailable is None:
             steps = [self._steps(s) for s in range(len(spec.sections))]
             self._layout = program.Layout(spec, steps, [e.logits for e in spec.exits])
-        self._program_max_batch = PROGRAM_MAX_BATCH
         # a batch the programs take runs in sub-batches of this many samples, so that the arena
         # stays under ARENA_BYTES whatever the batch
         per_sample = 4 * self._layout.per_sample if self._layout is not None else 1
-        self._arena_batch = max(1, min(self._program_max_batch, ARENA_BYTES // per_sample))
+        self._arena_batch = max(1, min(PROGRAM_MAX_BATCH, ARENA_BYTES // per_sample))
         self._programs: dict[tuple[int, bool], program.Program] = {}
         self._arena: np.ndarray | None = None
         self._arena_views: dict | None = None
@@ -357,7 +356,7 @@ class Executor:
 
     def _programs_apply(self, n: int) -> bool:
         """Whether a batch of n runs as programs (when it finds the arena free)."""
-        return self._layout is not None and 1 <= n <= self._program_max_batch
+        return self._layout is not None and 1 <= n <= PROGRAM_MAX_BATCH
 
     def _views(self, n: int) -> dict:
         """Views of the arena for a batch of n (the input, every exit's logits), made once."""

@@ -519,10 +519,9 @@ def prepare_conv_weight(
         p = w.reshape(blocks, _LANES, cin, kh, kw).transpose(0, 3, 4, 2, 1)
         panels = np.ascontiguousarray(p).reshape(blocks, kh * kw * cin, _LANES)
         if f16:
-            half = panels.astype(np.float16)
-            if not np.array_equal(half.astype(_F32), panels):
+            if not half_exact(panels):
                 raise ValueError("f16 panels need weights that are exact in float16")
-            panels = half
+            panels = panels.astype(np.float16)
         return _with_panels(ConvWeight(cout, cin, kh, kw, 1, None, None, panels), winograd)
     # (G, Cout_g, Cin_g, kh, kw) -> (G, kh, kw, Cin_g, Cout_g) -> (G, kh*kw*Cin_g, Cout_g)
     g = w.reshape(groups, cout_g, cin_g, kh, kw).transpose(0, 3, 4, 2, 1)
@@ -998,15 +997,12 @@ def _conv_direct(xp, w, out, epi, residual, act, sh, sw, dh):
     macs = n * ho * wo * cout * w.kh * w.kw * xp.shape[3]
     # every conv runs through spinpool's C entry (compiled once, see spinpool._chunk)
     if pool.threads == 1 or macs < PAIR_MIN_MACS:
-        spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)
+        spinpool.run_alone(spinpool.chunk_entry(), *args)
         return
     # the caller + the spinning workers, handed over without the GIL (escepe_rt/spinpool.py)
     by_blocks, step, n_chunks = microkernel.split(blocks, units, 2 * pool.threads, w.winograd)
     if not spinpool.TEAM.run(args, by_blocks, step, units, n_chunks):
-        spinpool.run_alone(spinpool.with_entry(_ALONE)[spinpool.ENTRY], *args)  # team busy
-
-
-_ALONE = np.zeros(spinpool.CTRL_WORDS, dtype=np.int64)  # only its ENTRY word is read
+        spinpool.run_alone(spinpool.chunk_entry(), *args)  # team busy
 
 
 def _conv_rows(x, wmat, out2d, res2d, m0, m1, pointwise, geom, epi):
